@@ -1,0 +1,8 @@
+"""bigtx: pretrain decoder-only Transformers with DeepSpeed ZeRO."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("bigtx")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"

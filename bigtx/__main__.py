@@ -1,0 +1,5 @@
+import sys
+
+from bigtx.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `bigtx` command line: one entry point, one module per command group."""

@@ -1,0 +1,12 @@
+"""`bigtx ckpt` (not implemented yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+from bigtx.cli.common import fail
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ckpt", help="(not implemented yet)")
+    p.set_defaults(func=lambda args: fail("bigtx ckpt is not implemented yet"))

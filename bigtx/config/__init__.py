@@ -1,0 +1,17 @@
+"""The run spec: pydantic models, loading with overrides, and the derived DeepSpeed config."""
+
+from bigtx.config.loading import SpecError, load_spec, preset_names, spec_hash, spec_to_dict, validate_spec
+from bigtx.config.spec import DataSection, DataSource, ModelSection, RunSpec
+
+__all__ = [
+    "DataSection",
+    "DataSource",
+    "ModelSection",
+    "RunSpec",
+    "SpecError",
+    "load_spec",
+    "preset_names",
+    "spec_hash",
+    "spec_to_dict",
+    "validate_spec",
+]

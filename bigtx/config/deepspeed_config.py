@@ -1,0 +1,127 @@
+"""Derive the DeepSpeed JSON from the run spec.
+
+The spec is the single source of truth. A reviewed base file from ``ds_configs/`` may add
+settings the spec has no field for (bucket sizes, overlap); a base value that contradicts what
+the spec derives is an error, never silently overridden.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bigtx.config.spec import RunSpec
+
+# Large enough that DeepSpeed never prints its own per-step lines; bigtx logs the metrics.
+_QUIET_STEPS = 2**31 - 1
+
+
+def ds_configs_dir() -> Path:
+    """Where named base configs live: $BIGTX_DS_CONFIGS, else the source tree's ds_configs/."""
+    env = os.environ.get("BIGTX_DS_CONFIGS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def resolve_base_path(base: str) -> Path:
+    path = Path(base)
+    if path.suffix == ".json" or path.exists():
+        candidates = [path]
+    else:
+        candidates = [ds_configs_dir() / f"{base}.json"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in ds_configs_dir().glob("*.json"))
+    raise ValueError(f"deepspeed.base: {base!r} not found; name one of {names} or give a path to a JSON file")
+
+
+def _load_base(base: str | None) -> tuple[dict[str, Any], str]:
+    if base is None:
+        return {}, ""
+    path = resolve_base_path(base)
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"deepspeed.base: {path} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
+
+
+def _derived(spec: RunSpec, world_size: int) -> dict[str, Any]:
+    micro, accum, glob = spec.batch_sizes(world_size)
+    # offload devices are always spelled out so that a base file cannot switch them on behind the spec
+    zero: dict[str, Any] = {
+        "stage": spec.zero.stage,
+        "offload_optimizer": {"device": "cpu" if spec.zero.offload_optimizer else "none"},
+    }
+    if spec.zero.stage == 3:
+        zero["offload_param"] = {"device": "cpu" if spec.zero.offload_params else "none"}
+    cfg: dict[str, Any] = {
+        "train_batch_size": glob,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": spec.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": spec.precision == "bf16"},
+        "fp16": {"enabled": spec.precision == "fp16"},
+        # bigtx sets the learning rate itself every step (see bigtx.optim.schedule), so that a
+        # resumed run follows the same curve; DeepSpeed gets no scheduler.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": spec.optim.lr,
+                "betas": [spec.optim.beta1, spec.optim.beta2],
+                "eps": spec.optim.eps,
+                "weight_decay": spec.optim.weight_decay,
+            },
+        },
+        "steps_per_print": _QUIET_STEPS,
+        "wall_clock_breakdown": False,
+        # needed so `bigtx ckpt universal` can re-shard a checkpoint for a new world size
+        "checkpoint": {"load_universal": False},
+    }
+    if spec.precision == "fp16":
+        cfg["fp16"].update(
+            {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+        )
+    return cfg
+
+
+def _contradictions(base: Any, derived: Any, path: str = "") -> list[str]:
+    """Keys present in both with different values (dicts compared recursively)."""
+    if isinstance(base, dict) and isinstance(derived, dict):
+        out = []
+        for key in base.keys() & derived.keys():
+            out += _contradictions(base[key], derived[key], f"{path}.{key}" if path else key)
+        return out
+    return [] if base == derived else [f"{path}: base has {json.dumps(base)}, spec derives {json.dumps(derived)}"]
+
+
+def _merge(base: dict[str, Any], derived: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in derived.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def derive_deepspeed_config(spec: RunSpec, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """The exact dict handed to ``deepspeed.initialize`` for this spec and world size.
+
+    Raises ``ValueError`` (naming ``deepspeed.base`` and the keys) if the base file contradicts
+    the spec, and for batch sizes that do not fit the world size.
+    """
+    base, base_path = _load_base(spec.deepspeed.base)
+    derived = _derived(spec, world_size)
+    # the optimizer block's lr/weight decay are defaults, per-group values come from bigtx.optim
+    clashes = _contradictions({k: v for k, v in base.items() if k != "checkpoint"}, derived)
+    if clashes:
+        raise ValueError(
+            f"deepspeed.base: {base_path} contradicts the run spec; set these through the spec "
+            "(zero.*, train.*, precision, optim.*) and delete them from the base file: " + "; ".join(sorted(clashes))
+        )
+    cfg = _merge(base, derived)
+    cfg["checkpoint"] = {**base.get("checkpoint", {}), "load_universal": load_universal}
+    return cfg
