@@ -1,0 +1,165 @@
+"""The decoder-only Transformer described by a ``ModelSection``.
+
+Construction follows PyTorch's usual module defaults (global RNG, like any ``nn.Linear``); the bigtx
+initialisation is ``init_weights(seed)``, which the caller runs after construction. On
+``torch.device("meta")`` construction allocates nothing, so a big model can be built there, moved
+with ``to_empty(device=...)`` and then initialised with ``init_weights``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from bigtx.config.spec import ModelSection
+from bigtx.model.layers import (
+    Attention,
+    GeluMLP,
+    KVCache,
+    LayerKV,
+    RMSNorm,
+    SwiGLU,
+    make_norm,
+    rope_tables,
+    sinusoidal_table,
+)
+
+# Output projections that write into the residual stream; their init std is scaled by 1/sqrt(2*n_layers)
+# (GPT-2) so the residual's variance does not grow with depth.
+_RESIDUAL_PROJECTIONS = ("attn.o_proj.weight", "mlp.down_proj.weight", "mlp.fc_out.weight")
+
+
+class Block(nn.Module):
+    """One Transformer layer: attention then MLP, each with a residual and a norm (pre or post)."""
+
+    def __init__(self, cfg: ModelSection) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.mlp: nn.Module = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv: LayerKV | None = None, start_pos: int = 0
+    ) -> Tensor:
+        """pre: x + f(norm(x)); post: norm(x + f(x)); for f = attention, then f = MLP."""
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.attn_norm(x), rope, kv, start_pos))
+            return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.drop(self.attn(x, rope, kv, start_pos)))
+        return self.mlp_norm(x + self.drop(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: embeddings, ``n_layers`` blocks, final norm, output head.
+
+    The final norm is applied for both norm placements (for post-norm it follows the last block's own
+    norm, as in the bigtx checkpoints' layout). With ``tie_embeddings`` the head reuses
+    ``embed.weight`` and there is no ``lm_head`` parameter.
+    """
+
+    def __init__(self, cfg: ModelSection) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        if cfg.position == "sinusoidal":
+            # non-persistent: not in the state dict; init_weights re-fills it after to_empty()
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg, cfg.d_model)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+        ac = cfg.activation_checkpointing
+        self._checkpointed = [ac == "every" or (isinstance(ac, int) and i % ac == 0) for i in range(cfg.n_layers)]
+        if cfg.compile:
+            for block in self.blocks:
+                # Module.compile() compiles in place, so state-dict keys keep their names
+                # (torch.compile(block) would insert "_orig_mod.").
+                block.compile()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialise every parameter deterministically from ``seed``, independent of the global RNG.
+
+        Linear and embedding weights ~ N(0, init_std), residual output projections (attention
+        ``o_proj``, MLP ``down_proj``/``fc_out``) ~ N(0, init_std / sqrt(2 * n_layers)), biases 0,
+        norm weights 1. Each parameter draws from its own generator seeded by (seed, name), so the
+        result is bit-identical across processes and does not depend on parameter order. Also
+        re-fills the sinusoidal position table.
+        """
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, (RMSNorm, nn.LayerNorm))}
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+            elif id(p) in norm_weights:
+                p.fill_(1.0)
+            else:
+                digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+                gen = torch.Generator(device=p.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                p.normal_(0.0, residual_std if name.endswith(_RESIDUAL_PROJECTIONS) else std, generator=gen)
+        if self.cfg.position == "sinusoidal":
+            self.pos_table.copy_(sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model))
+
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Logits [B, T, vocab] for ``input_ids`` [B, T], or the mean cross-entropy if ``targets`` is given.
+
+        ``targets`` [B, T] holds the token that should follow each position (-100: ignored); the loss
+        is an fp32 scalar even under bf16 autocast. With ``cache``, the tokens sit at positions
+        ``cache.length``.. and their keys/values are appended to it (activation checkpointing is off).
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {start + T} exceed model.max_seq_len={self.cfg.max_seq_len}")
+
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device))
+        elif self.cfg.position == "sinusoidal":
+            x = x + self.pos_table[start : start + T]
+        x = self.drop(x)
+
+        rope = None
+        if self.cfg.position == "rope":
+            rope = rope_tables(start, T, self.cfg.head_dim, self.cfg.rope_theta, input_ids.device)
+        recompute = cache is None and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, rope, cache.layers[i], start)
+            elif recompute and self._checkpointed[i]:
+                # non-reentrant: works with parameters that ZeRO-3 gathers inside the forward
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        if cache is not None:
+            cache.length = start + T
+
+        x = self.final_norm(x)
+        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        if targets is None:
+            return logits
+        # The loss needs fp32 log-softmax; .float() is free in fp32 and one upcast under bf16.
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for up to ``max_len`` positions (default ``max_seq_len``)."""
+        return KVCache(self.cfg.n_layers, max_len or self.cfg.max_seq_len)
+
+    def num_params(self) -> int:
+        """Number of parameters held by this module (tied weights once); equals ``cfg.num_params()``."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at ``seq_len`` (``ModelSection.flops_per_token``)."""
+        return self.cfg.flops_per_token(seq_len)
