@@ -76,7 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ]:
         p = csub.add_parser(name, help=helptext, description=helptext)
         add_spec_args(p)
-        p.add_argument("--world-size", type=int, default=None, help="ranks to check batch sizes for (default $WORLD_SIZE or 1)")
+        p.add_argument(
+            "--world-size", type=int, default=None, help="ranks to check batch sizes for (default $WORLD_SIZE or 1)"
+        )
         if name == "show":
             p.add_argument("--deepspeed", action="store_true", help="print the exact DeepSpeed JSON instead")
         p.set_defaults(func=func)

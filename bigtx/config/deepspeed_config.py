@@ -82,7 +82,13 @@ def _derived(spec: RunSpec, world_size: int) -> dict[str, Any]:
     }
     if spec.precision == "fp16":
         cfg["fp16"].update(
-            {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+            {
+                "loss_scale": 0,
+                "initial_scale_power": 16,
+                "loss_scale_window": 1000,
+                "hysteresis": 2,
+                "min_loss_scale": 1,
+            }
         )
     return cfg
 

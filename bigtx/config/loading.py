@@ -55,7 +55,9 @@ def read_spec_dict(spec: str) -> tuple[dict[str, Any], str]:
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise SpecError([f"{spec}: no such file; give a YAML path or one of the presets: {', '.join(preset_names())}"])
+            raise SpecError(
+                [f"{spec}: no such file; give a YAML path or one of the presets: {', '.join(preset_names())}"]
+            )
         return _read_yaml(path.read_text(), str(path)), str(path)
     if spec in preset_names():
         text = resources.files("bigtx.presets").joinpath(f"{spec}.yaml").read_text()

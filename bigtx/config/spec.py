@@ -55,7 +55,9 @@ class ModelSection(Section):
     bias: bool = Field(False, description="Bias terms in linear layers and norms.")
     tie_embeddings: bool = Field(False, description="Share the output head's weight with the token embedding.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention output, MLP output and embeddings.")
-    init_std: float = Field(0.02, gt=0, description="Std of the normal init; residual projections get /sqrt(2*n_layers).")
+    init_std: float = Field(
+        0.02, gt=0, description="Std of the normal init; residual projections get /sqrt(2*n_layers)."
+    )
     activation_checkpointing: Literal["none", "every"] | Annotated[int, Field(ge=1)] = Field(
         "none", description="Recompute activations in backward: none, every block, or an int k for every k-th block."
     )
@@ -80,8 +82,7 @@ class ModelSection(Section):
     def _check_shape(self) -> ModelSection:
         if self.d_model % self.n_heads:
             raise ValueError(
-                f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}; "
-                "pick d_model = n_heads x head_dim"
+                f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}; pick d_model = n_heads x head_dim"
             )
         if self.n_heads % self.kv_heads:
             raise ValueError(
@@ -219,9 +220,13 @@ class ZeroSection(Section):
 
 class CheckpointSection(Section):
     every_steps: int = Field(0, ge=0, description="Save every N steps (0: off).")
-    every_minutes: float = Field(0.0, ge=0, description="Save when this many minutes passed since the last save (0: off).")
+    every_minutes: float = Field(
+        0.0, ge=0, description="Save when this many minutes passed since the last save (0: off)."
+    )
     keep_last: int = Field(3, ge=1, description="Complete checkpoints kept, newest first.")
-    keep_every: int = Field(0, ge=0, description="Also keep every checkpoint whose step is a multiple of this (0: off).")
+    keep_every: int = Field(
+        0, ge=0, description="Also keep every checkpoint whose step is a multiple of this (0: off)."
+    )
     resume: str = Field(
         "auto", description="`auto`: newest complete checkpoint in run.dir; `none`: start fresh; or a checkpoint path."
     )

@@ -1,0 +1,33 @@
+"""Checkpoint service used by the trainer: atomic sharded save, verified resume, re-sharding."""
+
+from bigtx.checkpoint.compat import spec_changes
+from bigtx.checkpoint.store import (
+    CheckpointError,
+    apply_retention,
+    complete_checkpoints,
+    mark_universal_capable,
+    rank_file,
+    read_meta,
+    remove_incomplete,
+    save,
+    step_of,
+    tag_for,
+    to_universal,
+    verify,
+)
+
+__all__ = [
+    "CheckpointError",
+    "apply_retention",
+    "mark_universal_capable",
+    "complete_checkpoints",
+    "rank_file",
+    "read_meta",
+    "remove_incomplete",
+    "save",
+    "spec_changes",
+    "step_of",
+    "tag_for",
+    "to_universal",
+    "verify",
+]

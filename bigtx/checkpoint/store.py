@@ -1,0 +1,250 @@
+"""Sharded, atomic checkpoints on top of DeepSpeed's own ``save_checkpoint``/``load_checkpoint``.
+
+Layout of ``RUN_DIR/checkpoints``::
+
+    step_00000020/                 one checkpoint (the DeepSpeed tag)
+        mp_rank_00_model_states.pt, *_optim_states.pt ...   written by DeepSpeed, each rank its shards
+        bigtx_rank00000.pt         per rank: data-loader position and RNG states
+        bigtx_meta.json            step, tokens, resolved spec and hash, bigtx version, world size
+        COMPLETE.json              the commit: every file with size and sha256, written last
+    newest                         name of the newest complete checkpoint, replaced atomically
+    universal/step_00000020/       DeepSpeed universal form, made when the world size changes
+
+DeepSpeed writes its own ``latest`` before its final barrier, so a crash can leave it pointing at
+a partial checkpoint; bigtx never writes or reads it. A checkpoint counts only once every rank has
+finished (barrier) and rank 0 has written ``COMPLETE.json``; anything without it is ignored on
+resume and removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE.json"
+META = "bigtx_meta.json"
+NEWEST = "newest"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing, incomplete, corrupt)."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    match = _TAG.match(path.name)
+    if not match:
+        raise CheckpointError(f"{path}: not a bigtx checkpoint directory (expected step_NNNNNNNN)")
+    return int(match.group(1))
+
+
+def rank_file(path: Path, rank: int) -> Path:
+    return path / f"bigtx_rank{rank:05d}.pt"
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _payload_files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in (COMPLETE,))
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _share(items: list[str]) -> list[str]:
+    """This rank's share of a list, so that hashing a large checkpoint runs on every rank at once."""
+    rank, world = _world()
+    return items[rank::world]
+
+
+def _all_gather(local: Any) -> list[Any]:
+    """Every rank's ``local`` object, in rank order."""
+    world = _world()[1]
+    if world == 1:
+        return [local]
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, local)
+    return parts
+
+
+def save(
+    engine: Any,
+    ckpt_root: Path,
+    step: int,
+    rank_state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Collective: every rank saves its shards; returns the committed checkpoint directory."""
+    rank, _ = _world()
+    tag = tag_for(step)
+    path = ckpt_root / tag
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # a leftover of a run killed while saving this very step
+            shutil.rmtree(path)
+    _barrier()
+    engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
+    tmp = rank_file(path, rank).with_suffix(".tmp")
+    torch.save(rank_state, tmp)
+    os.replace(tmp, rank_file(path, rank))
+    if rank == 0:
+        _fsync_write(path / META, json.dumps(meta, indent=2, sort_keys=True))
+    _barrier()  # every rank has finished writing
+    files = _payload_files(path) if rank == 0 else None
+    holder = [files]
+    if _world()[1] > 1:
+        dist.broadcast_object_list(holder, src=0)
+    files = holder[0]
+    assert files is not None
+    local = {
+        name: {"bytes": (path / name).stat().st_size, "sha256": sha256_file(path / name)} for name in _share(files)
+    }
+    digests = {name: entry for part in _all_gather(local) for name, entry in part.items()}
+    if rank == 0:
+        _fsync_write(path / COMPLETE, json.dumps({"step": step, "files": digests}, indent=1, sort_keys=True))
+        _fsync_write(ckpt_root / NEWEST, tag + "\n")
+    _barrier()
+    return path
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, newest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if p.is_dir() and _TAG.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def remove_incomplete(ckpt_root: Path) -> list[Path]:
+    """Delete checkpoint directories that never got their commit marker (rank 0 only)."""
+    removed = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.is_dir() and _TAG.match(p.name) and not (p / COMPLETE).is_file():
+                shutil.rmtree(p)
+                removed.append(p)
+    return removed
+
+
+def verify(path: Path) -> list[str]:
+    """Collective: check every file against ``COMPLETE.json``; returns the problems found (all ranks)."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        return [f"{path}: incomplete (no {COMPLETE}); it was interrupted while saving"]
+    files: dict[str, dict[str, Any]] = json.loads(marker.read_text())["files"]
+    problems = []
+    for name in _share(sorted(files)):
+        f = path / name
+        expected = files[name]
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != expected["bytes"]:
+            problems.append(f"{f}: size {f.stat().st_size} != {expected['bytes']} recorded (truncated?)")
+        elif sha256_file(f) != expected["sha256"]:
+            problems.append(f"{f}: sha256 differs from the one recorded when it was saved (corrupted on disk)")
+    return sorted(p for part in _all_gather(problems) for p in part)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta = path / META
+    if not meta.is_file():
+        raise CheckpointError(f"{path}: no {META}; not a bigtx checkpoint (or an incomplete one)")
+    return json.loads(meta.read_text())
+
+
+def apply_retention(ckpt_root: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep_last``, sparing multiples of ``keep_every``."""
+    removed = []
+    for path in complete_checkpoints(ckpt_root)[keep_last:]:
+        if keep_every and step_of(path) % keep_every == 0:
+            continue
+        shutil.rmtree(path)
+        universal = ckpt_root / "universal" / path.name
+        if universal.exists():
+            shutil.rmtree(universal)
+        removed.append(path)
+    return removed
+
+
+def to_universal(path: Path, out: Path | None = None) -> Path:
+    """Convert a checkpoint to DeepSpeed's universal format (world-size independent) with DeepSpeed's converter."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = out or path.parent / "universal" / path.name
+    if (out / COMPLETE).is_file():
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    args = argparse.Namespace(
+        input_folder=str(path),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    ds_to_universal.main(args)
+    for name in (META,):
+        shutil.copy2(path / name, out / name)
+    for f in path.glob("bigtx_rank*.pt"):
+        shutil.copy2(f, out / f.name)
+    _fsync_write(out / COMPLETE, json.dumps({"step": step_of(path), "files": {}, "universal_of": str(path)}))
+    return out
+
+
+def mark_universal_capable(module: torch.nn.Module) -> None:
+    """Make DeepSpeed store the ``universal_checkpoint_info`` its universal converter needs.
+
+    bigtx models use no tensor or pipeline parallelism, so the info is just the format version.
+    """
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})

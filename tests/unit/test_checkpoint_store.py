@@ -1,0 +1,81 @@
+"""Checkpoint bookkeeping that needs no process group: commit marker, verification, retention, spec diffs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bigtx.checkpoint import (
+    apply_retention,
+    complete_checkpoints,
+    remove_incomplete,
+    spec_changes,
+    tag_for,
+    verify,
+)
+from bigtx.checkpoint.resume import prepare_run_dir
+from bigtx.checkpoint.store import COMPLETE, CheckpointError, sha256_file
+from bigtx.config import load_spec, spec_to_dict
+
+
+def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    path = root / tag_for(step)
+    path.mkdir(parents=True)
+    (path / "shard.pt").write_bytes(bytes(range(256)) * 4)
+    if complete:
+        files = {"shard.pt": {"bytes": 1024, "sha256": sha256_file(path / "shard.pt")}}
+        (path / COMPLETE).write_text(json.dumps({"step": step, "files": files}))
+    return path
+
+
+def test_only_committed_checkpoints_count(tmp_path: Path) -> None:
+    fake_checkpoint(tmp_path, 10)
+    fake_checkpoint(tmp_path, 20)
+    fake_checkpoint(tmp_path, 30, complete=False)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000020", "step_00000010"]
+    assert [p.name for p in remove_incomplete(tmp_path)] == ["step_00000030"]
+    assert not (tmp_path / "step_00000030").exists()
+
+
+def test_verify_detects_truncation_and_bit_flips(tmp_path: Path) -> None:
+    path = fake_checkpoint(tmp_path, 10)
+    assert verify(path) == []
+    data = bytearray((path / "shard.pt").read_bytes())
+    data[100] ^= 1
+    (path / "shard.pt").write_bytes(bytes(data))
+    assert "sha256 differs" in verify(path)[0]
+    (path / "shard.pt").write_bytes(bytes(data[:500]))
+    assert "truncated" in verify(path)[0]
+    (path / "shard.pt").unlink()
+    assert "missing" in verify(path)[0]
+
+
+def test_retention_keeps_last_and_every(tmp_path: Path) -> None:
+    for step in (10, 20, 30, 40, 50):
+        fake_checkpoint(tmp_path, step)
+    removed = apply_retention(tmp_path, keep_last=2, keep_every=20)
+    assert sorted(p.name for p in removed) == ["step_00000010", "step_00000030"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000050", "step_00000040", "step_00000020"]
+
+
+def test_spec_changes_safe_warn_refuse() -> None:
+    old = spec_to_dict(load_spec("tiny"))
+    new = spec_to_dict(
+        load_spec(
+            "tiny", ["train.max_steps=60", "train.log_every=5", "optim.lr=1e-3", "model.d_ff=128", "data.seq_len=32"]
+        )
+    )
+    warnings, refusals = spec_changes(old, new)
+    assert warnings == ["optim.lr: 0.003 -> 0.001"]
+    assert refusals == ["data.seq_len: 64 -> 32", "model.d_ff: 176 -> 128"]
+
+
+def test_fresh_start_refuses_to_overwrite(tmp_path: Path) -> None:
+    fake_checkpoint(tmp_path / "checkpoints", 10)
+    prepare_run_dir(tmp_path, "auto", overwrite=False, is_main=True)  # resuming is fine
+    with pytest.raises(CheckpointError, match="checkpoint.overwrite=true"):
+        prepare_run_dir(tmp_path, "none", overwrite=False, is_main=True)
+    prepare_run_dir(tmp_path, "none", overwrite=True, is_main=True)
+    assert not (tmp_path / "checkpoints").exists()

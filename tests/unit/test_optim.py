@@ -1,0 +1,49 @@
+"""Parameter groups and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from torch import nn
+
+from bigtx.config.spec import OptimSection, ScheduleSection
+from bigtx.optim import lr_at, param_groups
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.proj = nn.Linear(4, 4, bias=True)
+        self.norm = nn.LayerNorm(4)
+
+
+def test_weight_decay_on_matrices_only() -> None:
+    groups = {g["name"]: g for g in param_groups(Toy(), OptimSection(weight_decay=0.1))}
+    assert [p.shape for p in groups["decay"]["params"]] == [(4, 4)]
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    assert len(groups["no_decay"]["params"]) == 4  # embedding, bias, norm weight, norm bias
+    with_embed = {g["name"]: g for g in param_groups(Toy(), OptimSection(decay_embeddings=True))}
+    assert len(with_embed["decay"]["params"]) == 2
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "constant", "wsd"])
+def test_schedule_shape(decay: str) -> None:
+    optim = OptimSection(lr=1.0, min_lr=0.1)
+    sched = ScheduleSection(warmup_steps=10, decay=decay, decay_fraction=0.2)
+    lrs = [lr_at(s, 110, optim, sched) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert max(lrs) == pytest.approx(1.0)
+    end = lr_at(110, 110, optim, sched)
+    assert end == pytest.approx(1.0 if decay == "constant" else 0.1)
+    if decay == "cosine":
+        assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    if decay == "wsd":
+        assert lrs[85] == pytest.approx(1.0) and lrs[100] < 1.0
+
+
+def test_schedule_is_a_pure_function_of_the_step() -> None:
+    optim, sched = OptimSection(), ScheduleSection(warmup_steps=5)
+    assert [lr_at(s, 50, optim, sched) for s in range(20, 30)] == [lr_at(s, 50, optim, sched) for s in range(20, 30)]

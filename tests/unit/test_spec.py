@@ -1,0 +1,210 @@
+"""The run spec: presets, overrides, every cross-field rule, the derived DeepSpeed config, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bigtx.config import RunSpec, SpecError, load_spec, preset_names, validate_spec
+from bigtx.config.deepspeed_config import derive_deepspeed_config
+from bigtx.config.model_presets import MODEL_PRESETS
+from bigtx.config.spec import ModelSection
+
+
+def base(**sections: dict) -> dict:
+    spec = {"train": {"max_steps": 10}, "schedule": {"warmup_steps": 1}}
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return spec
+
+
+def errors_of(data: dict) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        validate_spec(data)
+    return info.value.errors
+
+
+def test_every_preset_validates() -> None:
+    names = preset_names()
+    assert {"tiny", "demo", "llama-125m", "llama-1.3b", "llama-7b"} <= set(names)
+    for name in names:
+        spec = load_spec(name)
+        derive_deepspeed_config(spec, world_size=1)
+
+
+def test_parameter_counts_match_standard_formulas() -> None:
+    # Llama-2-7B: the published count
+    assert load_spec("llama-7b").model.num_params() == 6_738_415_616
+    # Llama formula: V*d (embed) + V*d (head) + L*(2d^2 + 2*d*kv + 3*d*ff + 2d) + d
+    m = load_spec("llama-125m").model
+    kv = m.kv_heads * m.head_dim
+    L, d, V, ff = m.n_layers, m.d_model, m.vocab_size, m.d_ff
+    assert m.num_params() == 2 * V * d + L * (2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d) + d
+    # GPT-2 small with its real vocabulary: 124,439,808
+    gpt2 = ModelSection(preset="classic-125m", vocab_size=50257)
+    assert gpt2.num_params() == 124_439_808
+
+
+def test_unknown_key_is_named() -> None:
+    errs = errors_of(base(model={"d_modle": 64}))
+    assert any(e.startswith("model.d_modle: unknown field") for e in errs)
+
+
+def test_wrong_type_is_named() -> None:
+    errs = errors_of(base(train={"max_steps": "many"}))
+    assert any(e.startswith("train.max_steps:") for e in errs)
+
+
+@pytest.mark.parametrize(
+    ("sections", "field"),
+    [
+        ({"model": {"d_model": 100, "n_heads": 8}}, "model.d_model"),
+        ({"model": {"n_heads": 4, "n_kv_heads": 3}}, "model.n_kv_heads"),
+        ({"data": {"seq_len": 1024}, "model": {"max_seq_len": 256}}, "data.seq_len"),
+        ({"zero": {"stage": 2, "offload_params": True}}, "zero.offload_params"),
+        ({"zero": {"stage": 0, "offload_optimizer": True}}, "zero.offload_optimizer"),
+        ({"schedule": {"warmup_steps": 10}}, "schedule.warmup_steps"),
+        ({"train": {"max_steps": 10, "max_tokens": 1000}}, "train.max_steps"),
+        ({"model": {"preset": "gpt-17"}}, "model.preset"),
+        ({"optim": {"lr": 1e-4, "min_lr": 1e-3}}, "optim.min_lr"),
+    ],
+)
+def test_cross_field_rules_name_the_field(sections: dict, field: str) -> None:
+    errs = errors_of(base(**sections))
+    assert any(e.startswith(f"{field}:") for e in errs), errs
+
+
+def test_neither_max_steps_nor_max_tokens() -> None:
+    errs = errors_of({"train": {}, "schedule": {"warmup_steps": 0}})
+    assert any(e.startswith("train.max_steps:") for e in errs)
+
+
+@pytest.mark.parametrize(
+    ("train", "world", "expected"),
+    [
+        ({"micro_batch_size": 4, "grad_accum": 2}, 2, (4, 2, 16)),
+        ({"micro_batch_size": 4, "global_batch_size": 16}, 2, (4, 2, 16)),
+        ({"grad_accum": 2, "global_batch_size": 16}, 2, (4, 2, 16)),
+        ({"global_batch_size": 16}, 2, (8, 1, 16)),
+        ({}, 1, (1, 1, 1)),
+    ],
+)
+def test_batch_sizes_derive_the_third(train: dict, world: int, expected: tuple) -> None:
+    spec = validate_spec(base(train=train))
+    assert spec.batch_sizes(world) == expected
+
+
+def test_inconsistent_batch_sizes_are_an_error() -> None:
+    spec = validate_spec(base(train={"micro_batch_size": 4, "grad_accum": 2, "global_batch_size": 10}))
+    with pytest.raises(ValueError, match="train.global_batch_size"):
+        spec.batch_sizes(2)
+    spec = validate_spec(base(train={"micro_batch_size": 3, "global_batch_size": 16}))
+    with pytest.raises(ValueError, match="not divisible"):
+        spec.batch_sizes(2)
+
+
+def test_max_tokens_rounds_up_to_whole_steps() -> None:
+    spec = validate_spec(
+        {"train": {"max_tokens": 1000, "micro_batch_size": 2}, "data": {"seq_len": 64}, "schedule": {"warmup_steps": 0}}
+    )
+    assert spec.tokens_per_step(2) == 256
+    assert spec.total_steps(2) == 4
+
+
+def test_overrides_are_typed() -> None:
+    spec = load_spec("tiny", ["train.max_steps=7", "model.tie_embeddings=false", "optim.lr=1e-3", "run.name=x"])
+    assert spec.train.max_steps == 7 and spec.model.tie_embeddings is False
+    assert spec.optim.lr == pytest.approx(1e-3) and spec.run.name == "x"
+    with pytest.raises(SpecError, match="KEY=VALUE"):
+        load_spec("tiny", ["train.max_steps"])
+
+
+def test_preset_then_explicit_fields_win() -> None:
+    spec = validate_spec(base(model={"preset": "llama-125m", "n_layers": 2}))
+    assert spec.model.n_layers == 2
+    assert spec.model.d_model == MODEL_PRESETS["llama-125m"]["d_model"]
+
+
+def test_yaml_syntax_error_has_file_line_column(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 10\n  log_every: [1, 2\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(str(bad))
+    assert f"{bad}:" in info.value.errors[0] and "YAML syntax error" in info.value.errors[0]
+    line = info.value.errors[0].split(f"{bad}:")[1].split(":")[0]
+    assert line.isdigit()
+
+
+def test_missing_file_and_unknown_preset() -> None:
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec("/nonexistent/spec.yaml")
+    with pytest.raises(SpecError, match="neither a YAML file nor a preset"):
+        load_spec("no-such-preset")
+
+
+def test_every_field_has_a_description() -> None:
+    def walk(model: type) -> None:
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, RunSpec.__mro__[1]):
+                walk(ann)
+
+    walk(RunSpec)
+    schema = RunSpec.model_json_schema()
+    assert schema["$defs"]["ModelSection"]["properties"]["d_model"]["description"]
+
+
+def test_deepspeed_config_is_derived() -> None:
+    spec = load_spec("tiny", ["precision=fp16", "zero.stage=3", "zero.offload_params=true", "train.grad_accum=2"])
+    cfg = derive_deepspeed_config(spec, world_size=2)
+    assert cfg["train_batch_size"] == 16
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["fp16"]["enabled"] and not cfg["bf16"]["enabled"] and cfg["fp16"]["loss_scale"] == 0
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert cfg["gradient_clipping"] == 1.0
+
+
+def test_base_file_fills_but_never_contradicts(tmp_path) -> None:
+    spec = load_spec("tiny", ["deepspeed.base=zero2"])
+    cfg = derive_deepspeed_config(spec, 1)
+    assert cfg["zero_optimization"]["overlap_comm"] is True  # from the base file
+    clash = load_spec("tiny", ["deepspeed.base=zero3"])  # spec says stage 2
+    with pytest.raises(ValueError, match=r"deepspeed\.base: .*zero_optimization\.stage"):
+        derive_deepspeed_config(clash, 1)
+    sneaky = tmp_path / "offload.json"
+    sneaky.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+    with pytest.raises(ValueError, match="offload_optimizer"):
+        derive_deepspeed_config(load_spec("tiny", [f"deepspeed.base={sneaky}"]), 1)
+    with pytest.raises(ValueError, match="not found"):
+        derive_deepspeed_config(load_spec("tiny", ["deepspeed.base=zero9"]), 1)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bigtx", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_validate_exit_codes(tmp_path) -> None:
+    ok = run_cli("config", "validate", "tiny")
+    assert ok.returncode == 0, ok.stderr
+    bad = run_cli("config", "validate", "tiny", "--set", "model.n_kv_heads=3", "--set", "zero.offload_params=true")
+    assert bad.returncode == 2
+    assert "model.n_kv_heads:" in bad.stderr and "Traceback" not in bad.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {max_steps: 3\n")
+    res = run_cli("config", "validate", str(broken))
+    assert res.returncode == 2 and "YAML syntax error" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_show_and_schema() -> None:
+    shown = run_cli("config", "show", "llama-7b")
+    assert shown.returncode == 0 and "parameters: 6738415616" in shown.stdout and "tokens_per_step" in shown.stdout
+    ds = run_cli("config", "show", "tiny", "--deepspeed", "--world-size", "2")
+    assert json.loads(ds.stdout)["train_batch_size"] == 8
+    schema = json.loads(run_cli("config", "schema").stdout)
+    assert "RunSpec" in schema["title"]
+    assert run_cli("--version").stdout.startswith("bigtx ")
