@@ -1,0 +1,53 @@
+"""Training curves from ``metrics.jsonl``: one PNG, several runs overlaid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# (title, key, log scale) of the four panels; validation loss joins the loss panel
+PANELS = [("loss", "loss", True), ("learning rate", "lr", False), ("tokens/s", "tokens_per_s", False),
+          ("grad norm", "grad_norm", True)]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a bigtx run directory?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_runs(run_dirs: list[Path], out: Path, x_axis: str = "step") -> Path:
+    """Render loss (train and val), lr, tokens/s and grad norm against ``x_axis`` (step or tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for run_dir in run_dirs:
+        records = read_metrics(run_dir)
+        train = [r for r in records if "loss" in r]
+        val = [r for r in records if "val_loss" in r]
+        tokens_at = {r["step"]: r["tokens"] for r in train}
+        label = run_dir.name
+        for ax, (title, key, log) in zip(axes.flat, PANELS):
+            points = [(r[x_axis], r[key]) for r in train if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), label=f"{label} train" if key == "loss" else label)
+            if key == "loss" and val:
+                xs = [r["step"] if x_axis == "step" else tokens_at.get(r["step"], 0) for r in val]
+                ax.plot(xs, [r["val_loss"] for r in val], "o--", label=f"{label} val")
+            ax.set_title(title)
+            ax.set_xlabel(x_axis)
+            if log:
+                ax.set_yscale("log")
+    for ax in axes.flat:
+        if ax.has_data():
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

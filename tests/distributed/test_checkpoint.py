@@ -1,0 +1,142 @@
+"""Checkpoints on 2 gloo ranks with real DeepSpeed: exact continuation, crashes, corruption, signals,
+and a change of world size."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Run, metrics, start, tiny_overrides, train, train_records, wait_until
+
+pytestmark = pytest.mark.slow
+
+CKPT20 = "checkpoints/step_00000020"
+
+
+def same_steps(a: Path, b: Path, steps: range) -> None:
+    """Loss, grad norm and lr of these steps are bit-identical in two runs."""
+    ra, rb = train_records(a), train_records(b)
+    for step in steps:
+        for key in ("loss", "grad_norm", "lr"):
+            assert ra[step][key] == rb[step][key], f"step {step} {key}: {ra[step][key]!r} != {rb[step][key]!r}"
+
+
+def kill_after(run: Run, path: Path) -> None:
+    """SIGKILL every rank as soon as ``path`` exists (freezing them first so they cannot run on)."""
+    wait_until(lambda: path.exists() or all(p.poll() is not None for p in run.procs), 120, f"{path}")
+    for p in run.procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGSTOP)
+    run.kill(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the uninterrupted 30-step runs (one per configuration) live, shared by the tests below."""
+    return tmp_path_factory.mktemp("reference")
+
+
+CONFIGS = {
+    "zero1": ["zero.stage=1"],
+    "zero2": ["zero.stage=2"],
+    "zero3": ["zero.stage=3"],
+    "zero2-accum2": ["zero.stage=2", "train.micro_batch_size=2", "train.grad_accum=2"],
+}
+
+
+def reference(root: Path, shards: Path, name: str) -> Path:
+    """The uninterrupted run of configuration ``name`` (trained on first use)."""
+    run_dir = root / name
+    if not (run_dir / "FINISHED").exists():
+        overrides = tiny_overrides(run_dir, shards, "train.max_steps=30", "checkpoint.every_steps=10", *CONFIGS[name])
+        train("tiny", overrides, 2, root / "logs")
+    return run_dir
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_exact_continuation_after_sigkill(tmp_path: Path, byte_shards: Path, references: Path, name: str) -> None:
+    ref = reference(references, byte_shards, name)
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, byte_shards, "train.max_steps=30", "checkpoint.every_steps=20", *CONFIGS[name])
+    run = start("tiny", overrides, 2, tmp_path / "logs")
+    kill_after(run, run_dir / CKPT20 / "COMPLETE.json")
+    assert not (run_dir / "FINISHED").exists(), "the run finished before it could be killed"
+    train("tiny", overrides, 2, tmp_path / "logs")
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert sorted(train_records(run_dir)) == list(range(1, 31))  # contiguous, nothing repeated
+    same_steps(ref, run_dir, range(21, 31))
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Path, byte_shards: Path, references: Path) -> None:
+    ref = reference(references, byte_shards, "zero2")
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, byte_shards, "train.max_steps=30", "checkpoint.every_steps=10", "zero.stage=2")
+    run = start("tiny", overrides, 2, tmp_path / "logs")
+    kill_after(run, run_dir / CKPT20)  # the directory exists as soon as saving begins
+    assert not (run_dir / CKPT20 / "COMPLETE.json").exists(), "the save completed before the kill"
+    assert (run_dir / "checkpoints/newest").read_text().strip() == "step_00000010"
+    train("tiny", overrides, 2, tmp_path / "logs")
+    log = (run_dir / "train.log").read_text()
+    assert "removed incomplete checkpoint" in log and "step_00000010" in log.split("resumed from")[1].splitlines()[0]
+    same_steps(ref, run_dir, range(11, 31))
+
+
+def test_corrupt_checkpoint_falls_back(tmp_path: Path, byte_shards: Path, references: Path) -> None:
+    ref = reference(references, byte_shards, "zero2")
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref, run_dir)
+    (run_dir / "FINISHED").unlink()
+    victim = sorted((run_dir / "checkpoints/step_00000030").glob("*optim_states.pt"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    overrides = tiny_overrides(run_dir, byte_shards, "train.max_steps=30", "checkpoint.every_steps=10", "zero.stage=2")
+    train("tiny", overrides, 2, tmp_path / "logs")
+    log = (run_dir / "train.log").read_text()
+    assert "is damaged, falling back" in log and "sha256 differs" in log
+    assert "resumed from" in log and "step_00000020" in log.split("resumed from")[1].splitlines()[0]
+    same_steps(ref, run_dir, range(21, 31))
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path: Path, byte_shards: Path, references: Path) -> None:
+    ref = reference(references, byte_shards, "zero2")
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, byte_shards, "train.max_steps=30", "checkpoint.every_steps=100", "zero.stage=2")
+    run = start("tiny", overrides, 2, tmp_path / "logs")
+    wait_until(lambda: (run_dir / "metrics.jsonl").exists() and len(train_records(run_dir)) >= 5, 120, "step 5")
+    run.procs[1].send_signal(signal.SIGTERM)  # one rank is enough: the ranks vote every step
+    assert run.wait(120) == [75, 75], run.output()
+    stopped_at = max(train_records(run_dir))
+    assert stopped_at < 30
+    assert (run_dir / f"checkpoints/step_{stopped_at:08d}/COMPLETE.json").exists()
+    train("tiny", overrides, 2, tmp_path / "logs")
+    assert sorted(train_records(run_dir)) == list(range(1, 31))
+    same_steps(ref, run_dir, range(stopped_at + 1, 31))
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resume_with_another_world_size(tmp_path: Path, byte_shards: Path, before: int, after: int) -> None:
+    # the global batch stays 8: 2 ranks x 4 or 1 rank x 4 x 2 accumulation steps
+    common = ["train.max_steps=30", "checkpoint.every_steps=10", "zero.stage=2", "train.micro_batch_size=4",
+              "train.global_batch_size=8", "data.allow_reshuffle=true", "train.grad_accum=null"]
+    ref = tmp_path / "reference"
+    train("tiny", tiny_overrides(ref, byte_shards, *common), before, tmp_path / "logs")
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref, run_dir, ignore=shutil.ignore_patterns("step_00000030"))
+    (run_dir / "FINISHED").unlink()
+    train("tiny", tiny_overrides(run_dir, byte_shards, *common), after, tmp_path / "logs")
+    log = (run_dir / "train.log").read_text()
+    assert "re-sharding through DeepSpeed's universal checkpoint format" in log
+    ra, rb = train_records(ref), train_records(run_dir)
+    assert sorted(rb) == list(range(1, 31))
+    for step in range(21, 31):
+        assert rb[step]["lr"] == pytest.approx(ra[step]["lr"], rel=1e-12)
+        assert rb[step]["tokens"] == ra[step]["tokens"]
+    assert abs(rb[21]["loss"] - ra[21]["loss"]) <= 0.02 * ra[21]["loss"]
+    assert abs(sum(rb[s]["loss"] for s in range(21, 31)) / 10 - sum(ra[s]["loss"] for s in range(21, 31)) / 10) \
+        <= 0.02 * sum(ra[s]["loss"] for s in range(21, 31)) / 10
+    assert metrics(run_dir)[-1]["step"] == 30

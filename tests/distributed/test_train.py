@@ -1,0 +1,140 @@
+"""The trainer on 2 gloo ranks with real DeepSpeed, a tiny model and real shards."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO, base_env, deepspeed_launch, metrics, tiny_overrides, train, train_records
+
+pytestmark = pytest.mark.slow
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = train_records(run_dir)
+    return [records[s]["loss"] for s in sorted(records)]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["zero.stage=1", "precision=bf16"],
+        ["zero.stage=2", "precision=bf16"],
+        ["zero.stage=3", "precision=bf16"],
+        ["zero.stage=2", "precision=fp16"],
+        ["zero.stage=2", "precision=bf16", "zero.offload_optimizer=true"],
+    ],
+    ids=["zero1-bf16", "zero2-bf16", "zero3-bf16", "zero2-fp16", "zero2-offload"],
+)
+def test_loss_goes_down(tmp_path: Path, byte_shards: Path, extra: list[str]) -> None:
+    run_dir = tmp_path / "run"
+    train("tiny", tiny_overrides(run_dir, byte_shards, "train.max_steps=30", *extra), 2, tmp_path / "logs")
+    curve = losses(run_dir)
+    assert len(curve) == 30
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    assert last < first - 0.5, f"loss did not fall: first5={first:.3f} last5={last:.3f}"
+    if "precision=fp16" in extra:
+        record = train_records(run_dir)[30]
+        assert record["loss_scale"] is not None and record["skipped_steps"] >= 0
+
+
+def test_zero_stages_agree(tmp_path: Path, byte_shards: Path) -> None:
+    curves = {}
+    for stage in (0, 3):
+        run_dir = tmp_path / f"zero{stage}"
+        extra = ["train.max_steps=10", "precision=fp32", f"zero.stage={stage}", "schedule.warmup_steps=2"]
+        train("tiny", tiny_overrides(run_dir, byte_shards, *extra), 2, tmp_path / "logs")
+        curves[stage] = losses(run_dir)
+    for a, b in zip(curves[0], curves[3], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a), (curves[0], curves[3])
+
+
+def test_grad_accum_equivalence(tmp_path: Path, byte_shards: Path) -> None:
+    curves = {}
+    for micro, accum in ((2, 4), (8, 1)):
+        run_dir = tmp_path / f"m{micro}a{accum}"
+        extra = ["train.max_steps=10", "precision=fp32", "schedule.warmup_steps=2",
+                 f"train.micro_batch_size={micro}", f"train.grad_accum={accum}"]
+        train("tiny", tiny_overrides(run_dir, byte_shards, *extra), 2, tmp_path / "logs")
+        curves[micro] = losses(run_dir)
+    for a, b in zip(curves[2], curves[8], strict=True):
+        assert abs(a - b) <= 1e-4 * abs(a), (curves[2], curves[8])
+
+
+def test_activation_checkpointing_under_zero3_matches(tmp_path: Path, byte_shards: Path) -> None:
+    curves = {}
+    for ac in ("none", "every"):
+        run_dir = tmp_path / ac
+        extra = ["train.max_steps=10", "precision=fp32", "zero.stage=3", "schedule.warmup_steps=2",
+                 f"model.activation_checkpointing={ac}"]
+        train("tiny", tiny_overrides(run_dir, byte_shards, *extra), 2, tmp_path / "logs")
+        curves[ac] = losses(run_dir)
+    for a, b in zip(curves["none"], curves["every"], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def test_metrics_tensorboard_and_run_dir(tmp_path: Path, byte_shards: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    train("tiny", tiny_overrides(run_dir, byte_shards, "train.max_steps=12", "train.eval_every=5"), 2,
+          tmp_path / "logs")
+    for name in ("spec.yaml", "train.log", "metrics.jsonl", "tb", "checkpoints", "FINISHED"):
+        assert (run_dir / name).exists(), name
+    records = metrics(run_dir)
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 13))
+    required = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "data_wait_s",
+                "tflops", "mfu", "mem_gb", "loss_scale", "skipped_steps", "bad_shards"}
+    assert required <= set(records[0])
+    assert records[0]["tokens"] == 2 * 4 * 64  # world x micro batch x seq_len
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10, 12] and all(r["val_ppl"] > 1 for r in evals)
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_gb", "tflops"):
+        assert f"train/{key}" in tags
+    assert "val/val_loss" in tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(records[11]["loss"], rel=1e-6)
+    spec_text = (run_dir / "spec.yaml").read_text()
+    assert "DeepSpeed config derived from this spec" in spec_text and '"train_batch_size": 8' in spec_text
+
+
+def test_deepspeed_launcher_and_single_process(tmp_path: Path, byte_shards: Path) -> None:
+    ds_dir = tmp_path / "ds"
+    code = deepspeed_launch("tiny", tiny_overrides(ds_dir, byte_shards, "train.max_steps=5"), 2, tmp_path / "ds.log")
+    assert code == 0, (tmp_path / "ds.log").read_text()[-3000:]
+    assert len(train_records(ds_dir)) == 5 and "0:" in (ds_dir / "train.log").read_text()
+
+    single = tmp_path / "single"
+    res = subprocess.run(
+        [sys.executable, "-m", "bigtx", "train", "tiny", *(f"--set={o}" for o in
+                                                           tiny_overrides(single, byte_shards, "train.max_steps=3"))],
+        env={k: v for k, v in base_env().items() if k not in ("RANK", "WORLD_SIZE")},
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["step"] for r in metrics(single) if "loss" in r] == [1, 2, 3]
+
+
+def test_spec_errors_stop_before_any_process_group(tmp_path: Path, byte_shards: Path) -> None:
+    run_dir = tmp_path / "bad"
+    res = subprocess.run(
+        [sys.executable, "-m", "bigtx", "train", "tiny", "--set", f"run.dir={run_dir}",
+         "--set", f"data.train={byte_shards}", "--set", "model.n_kv_heads=3"],
+        env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 2 and "model.n_kv_heads" in res.stderr and "Traceback" not in res.stderr
+    assert not run_dir.exists()
+    missing = subprocess.run(
+        [sys.executable, "-m", "bigtx", "train", "tiny", "--set", f"run.dir={run_dir}",
+         "--set", f"data.train={tmp_path / 'nowhere'}"],
+        env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert missing.returncode == 2 and "data.train" in missing.stderr and "Traceback" not in missing.stderr

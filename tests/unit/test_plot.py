@@ -1,0 +1,32 @@
+"""`bigtx plot` renders a PNG from metrics.jsonl and refuses a directory without one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bigtx.cli.main import main
+
+
+def fake_run(path: Path, scale: float) -> Path:
+    path.mkdir()
+    lines = [{"step": s, "loss": scale * 5 / s, "lr": 1e-3, "tokens_per_s": 1000.0, "grad_norm": 1.0 / s,
+              "tokens": 512 * s} for s in range(1, 21)]
+    lines.append({"step": 20, "val_loss": scale * 0.3, "val_ppl": 1.3})
+    path.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def test_plot_overlays_runs(tmp_path: Path) -> None:
+    a, b = fake_run(tmp_path / "a", 1.0), fake_run(tmp_path / "b", 2.0)
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(a), str(b), "--out", str(out), "--x", "tokens"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_without_metrics_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["plot", str(tmp_path)])
+    assert info.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
