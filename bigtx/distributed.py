@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from types import FrameType
 
 import torch
@@ -146,3 +147,35 @@ def device_of_backend() -> torch.device:
     import torch.distributed as dist
 
     return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def spawn_local(
+    cmd: list[str],
+    nproc: int,
+    env: dict[str, str] | None = None,
+    logs: list[Path] | None = None,
+    cwd: Path | None = None,
+) -> list[subprocess.Popen]:
+    """Start ``nproc`` local ranks of ``cmd`` with the variables torchrun would set (gloo/NCCL on 127.0.0.1).
+
+    Each rank writes to its own log file when ``logs`` is given. Used by the benchmarks and tests
+    that need to signal or kill single ranks; users run ``bigtx launch local`` or ``deepspeed``.
+    """
+    port = _free_port()
+    procs = []
+    for rank in range(nproc):
+        rank_env = {
+            **os.environ,
+            **(env or {}),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        out = logs[rank].open("w") if logs else None
+        procs.append(
+            subprocess.Popen(cmd, env=rank_env, stdout=out, stderr=subprocess.STDOUT if out else None, cwd=cwd)
+        )
+    return procs

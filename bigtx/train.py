@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -74,6 +75,8 @@ def setup_logging(run_dir: Path, env: DistEnv, ds_level: str) -> None:
     import deepspeed
 
     deepspeed.utils.logger.setLevel(ds_level.upper())
+    # torch deprecation notices from inside DeepSpeed's collectives say nothing to a bigtx user
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     log.setLevel(logging.INFO)
     log.propagate = False
     stderr = logging.StreamHandler(sys.stderr)

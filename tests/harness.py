@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bigtx.distributed import spawn_local
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -71,25 +73,11 @@ class Run:
 
 def start(spec: str, overrides: list[str], nproc: int, log_dir: Path, env: dict[str, str] | None = None) -> Run:
     """Start ``nproc`` ranks of ``python -m bigtx.train SPEC --set ...``."""
-    port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "bigtx.train", spec, *(f"--set={o}" for o in overrides)]
-    procs, logs = [], []
-    for rank in range(nproc):
-        rank_env = {
-            **base_env(),
-            **(env or {}),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(nproc),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(nproc),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        log = log_dir / f"rank{rank}-{time.monotonic_ns()}.log"
-        logs.append(log)
-        procs.append(subprocess.Popen(args, env=rank_env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO))
-    return Run(procs, logs)
+    stamp = time.monotonic_ns()
+    logs = [log_dir / f"rank{rank}-{stamp}.log" for rank in range(nproc)]
+    return Run(spawn_local(args, nproc, {**base_env(), **(env or {})}, logs, cwd=REPO), logs)
 
 
 def train(spec: str, overrides: list[str], nproc: int, log_dir: Path, expect: int = 0, timeout: float = 300) -> Run:

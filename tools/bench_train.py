@@ -1,0 +1,172 @@
+"""Step time of `bigtx train` against a plain PyTorch DDP loop: same model, batch, ranks, precision.
+
+    python tools/bench_train.py [--steps 40] [--stages 0 2 3] [--out bench_results/bench_train.json]
+
+Both sides run on 2 local gloo ranks, one after the other, alternating, twice. The bigtx figure
+is the median `step_time_s` from `metrics.jsonl` (data loading, metrics and DeepSpeed included);
+the DDP figure is the median step of a hand-written loop over in-memory batches (no data loader).
+The ratio bigtx/DDP is the overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+from bigtx.distributed import spawn_local
+
+MODEL = [
+    "model.d_model=256",
+    "model.n_layers=4",
+    "model.n_heads=8",
+    "model.n_kv_heads=4",
+    "model.d_ff=688",
+    "model.max_seq_len=256",
+    "data.seq_len=256",
+    "train.micro_batch_size=4",
+    "train.grad_accum=1",
+]
+WARMUP = 5
+
+
+def ddp_worker(steps: int, precision: str, out: Path) -> None:
+    """One rank of the reference loop: DDP + torch AdamW + autocast, random tokens."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bigtx.config import load_spec
+    from bigtx.model import Transformer
+
+    spec = load_spec("tiny", MODEL + ["model.vocab_size=320"])
+    dist.init_process_group("gloo")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    model = Transformer(spec.model)
+    model.init_weights(spec.run.seed)
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    tokens = torch.randint(0, 256, (steps, 4, 257), generator=gen)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        x, y = tokens[i, :, :-1], tokens[i, :, 1:]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = ddp(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_all = loss.detach().clone()
+        dist.all_reduce(loss_all)  # bigtx reduces the loss every step too
+        loss_all.item()
+        times.append(time.perf_counter() - t0)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def run_ddp(steps: int, precision: str, work: Path) -> float:
+    out = work / "ddp.json"
+    cmd = [sys.executable, __file__, "--ddp-worker", str(steps), precision, str(out)]
+    procs = spawn_local(cmd, 2, {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert all(p.wait() == 0 for p in procs), "DDP worker failed"
+    return statistics.median(json.loads(out.read_text())[WARMUP:])
+
+
+def run_bigtx(steps: int, precision: str, stage: int, shards: Path, work: Path) -> float:
+    run_dir = work / f"bigtx-z{stage}-{time.monotonic_ns()}"
+    overrides = MODEL + [
+        f"run.dir={run_dir}",
+        f"data.train={shards}",
+        f"train.max_steps={steps}",
+        f"precision={precision}",
+        f"zero.stage={stage}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_at_end=false",
+        "train.progress_bar=false",
+        "schedule.warmup_steps=2",
+    ]
+    cmd = [sys.executable, "-m", "bigtx.train", "tiny", *(f"--set={o}" for o in overrides)]
+    procs = spawn_local(cmd, 2, {"BIGTX_DIST_TIMEOUT_S": "120"})
+    assert all(p.wait() == 0 for p in procs), "bigtx train failed"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["step_time_s"] for r in records if "loss" in r and r["step"] > WARMUP)
+
+
+def build_shards(work: Path) -> Path:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(str(p) for p in stdlib.glob("*.py"))[:200]
+    out = work / "shards"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bigtx",
+            "data",
+            "build",
+            "--input",
+            *files,
+            "--tokenizer",
+            "byte",
+            "--out",
+            str(out),
+            "--val-fraction",
+            "0.05",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="bench_results/bench_train.json")
+    parser.add_argument("--ddp-worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.ddp_worker:
+        ddp_worker(int(args.ddp_worker[0]), args.ddp_worker[1], Path(args.ddp_worker[2]))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shards = build_shards(work)
+        ddp_times, bigtx_times = [], {s: [] for s in args.stages}
+        for _ in range(args.repeats):  # alternate, so drift in machine load hits both sides
+            ddp_times.append(run_ddp(args.steps, args.precision, work))
+            for stage in args.stages:
+                bigtx_times[stage].append(run_bigtx(args.steps, args.precision, stage, shards, work))
+    ddp = statistics.median(ddp_times)
+    rows = []
+    print(
+        f"model {' '.join(MODEL)}; 2 ranks gloo CPU; {args.precision}; median step time over steps "
+        f"{WARMUP + 1}..{args.steps}, {args.repeats} alternating repeats"
+    )
+    print(f"{'config':<14} {'step s':>9} {'DDP step s':>11} {'bigtx/DDP':>10}")
+    for stage in args.stages:
+        t = statistics.median(bigtx_times[stage])
+        rows.append({"zero_stage": stage, "bigtx_step_s": t, "ddp_step_s": ddp, "ratio": t / ddp})
+        print(f"{'ZeRO-' + str(stage):<14} {t:>9.4f} {ddp:>11.4f} {t / ddp:>10.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"precision": args.precision, "steps": args.steps, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
