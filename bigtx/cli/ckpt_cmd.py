@@ -1,12 +1,78 @@
-"""`bigtx ckpt` (not implemented yet)."""
+"""`bigtx ckpt list|verify|universal`: look at and convert checkpoints."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from bigtx.cli.common import fail
+from bigtx.cli.common import UserError
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """A checkpoint directory given itself, a run dir or a checkpoints/ dir (newest complete one)."""
+    from bigtx import checkpoint
+
+    if (path / "COMPLETE.json").is_file() or path.name.startswith("step_"):
+        return path
+    for root in (path / "checkpoints", path):
+        found = checkpoint.complete_checkpoints(root)
+        if found:
+            return found[0]
+    raise UserError(f"{path}: no complete checkpoint found (expected RUN_DIR, RUN_DIR/checkpoints or step_N)")
+
+
+def _list(args: argparse.Namespace) -> int:
+    from bigtx import checkpoint
+
+    root = Path(args.run_dir) / "checkpoints"
+    found = checkpoint.complete_checkpoints(root)
+    if not found:
+        raise UserError(f"{root}: no complete checkpoints")
+    print(f"{'checkpoint':<16} {'step':>8} {'tokens':>14} {'ranks':>5} {'MB':>9}")
+    for path in found:
+        meta = checkpoint.read_meta(path)
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+        print(f"{path.name:<16} {meta['step']:>8} {meta['tokens']:>14,} {meta['world_size']:>5} {size:>9.1f}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from bigtx import checkpoint
+
+    path = _checkpoint_dir(Path(args.path))
+    problems = checkpoint.verify(path)
+    if problems:
+        raise UserError(f"{path} is damaged:\n  " + "\n  ".join(problems))
+    print(f"{path}: ok")
+    return 0
+
+
+def _universal(args: argparse.Namespace) -> int:
+    from bigtx import checkpoint
+
+    path = _checkpoint_dir(Path(args.path))
+    problems = checkpoint.verify(path)
+    if problems:
+        raise UserError(f"{path} is damaged:\n  " + "\n  ".join(problems))
+    out = checkpoint.to_universal(path, Path(args.out) if args.out else None)
+    print(f"universal checkpoint: {out}")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ckpt", help="(not implemented yet)")
-    p.set_defaults(func=lambda args: fail("bigtx ckpt is not implemented yet"))
+    p = sub.add_parser("ckpt", help="list, verify and convert checkpoints")
+    csub = p.add_subparsers(dest="ckpt_command", metavar="SUBCOMMAND")
+    csub.required = True
+    q = csub.add_parser("list", help="complete checkpoints of a run, newest first")
+    q.add_argument("run_dir", metavar="RUN_DIR")
+    q.set_defaults(func=_list)
+    q = csub.add_parser("verify", help="check every file of a checkpoint against its recorded sha256")
+    q.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR")
+    q.set_defaults(func=_verify)
+    q = csub.add_parser(
+        "universal",
+        help="convert to DeepSpeed's universal format (resuming at another world size does this by itself)",
+    )
+    q.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR")
+    q.add_argument("--out", help="output directory (default: RUN_DIR/checkpoints/universal/step_N)")
+    q.set_defaults(func=_universal)
