@@ -1,0 +1,239 @@
+"""`bigtx data build`: text files -> tokenized WebDataset shards + ``index.json``.
+
+Documents are read in input order (see ``bigtx.data.inputs``), tokenized in parallel worker processes
+in chunks, EOS-terminated, and routed to the train or val split by a hash of their text (so exact
+duplicates always land in the same split and the split does not depend on file names or order).
+Each split is written by one ``ShardSetWriter`` in input order; the key of a document is its ordinal
+among the non-empty input documents. The output directory is a pure function of the input bytes, the
+tokenizer and the options: same input, byte-identical shards and index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+
+import bigtx
+from bigtx.data.errors import DataError
+from bigtx.data.inputs import ReadStats, expand_inputs, iter_documents
+from bigtx.data.shards import ShardSetWriter, ids_dtype
+from bigtx.data.tokenizer import Tokenizer, load_tokenizer
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "bigtx-shards"
+INDEX_VERSION = 1
+SPLITS = ("train", "val")
+_CHUNK_BYTES = 1 << 20  # text per tokenization task
+_CHUNK_DOCS = 1024
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
+_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30})
+
+
+def parse_size(text: str) -> int:
+    """``64MB`` -> 64_000_000; KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024; a bare number is bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise DataError(f"--shard-size: cannot read {text!r}; write e.g. 64MB, 512KiB or 1000000")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size < 4096:
+        raise DataError(f"--shard-size: {text!r} is below the 4 KiB minimum")
+    return size
+
+
+def split_of(text: str, val_fraction: float) -> str:
+    """``val`` for a deterministic ``val_fraction`` of documents, by a hash of the text."""
+    if val_fraction <= 0:
+        return "train"
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return "val" if h < val_fraction * 2.0**64 else "train"
+
+
+# --- worker side ----------------------------------------------------------------------------------
+
+_worker_tok: Tokenizer | None = None
+
+
+def _init_worker(tokenizer: str) -> None:
+    global _worker_tok
+    # Each worker is one process; the library's own thread pool would only oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tok = load_tokenizer(tokenizer)
+
+
+def _encode_chunk(texts: list[str], val_fraction: float) -> tuple[list[np.ndarray], list[str], int]:
+    assert _worker_tok is not None
+    ids = _worker_tok.encode_batch(texts)
+    splits = [split_of(t, val_fraction) for t in texts]
+    return ids, splits, sum(len(t.encode("utf-8")) for t in texts)
+
+
+# --- main side ------------------------------------------------------------------------------------
+
+
+def _chunks(docs):
+    chunk_src: list[str] = []
+    chunk_txt: list[str] = []
+    size = 0
+    for source, text in docs:
+        chunk_src.append(source)
+        chunk_txt.append(text)
+        size += len(text)
+        if size >= _CHUNK_BYTES or len(chunk_txt) >= _CHUNK_DOCS:
+            yield chunk_src, chunk_txt
+            chunk_src, chunk_txt, size = [], [], 0
+    if chunk_txt:
+        yield chunk_src, chunk_txt
+
+
+def _encoded(chunks, tokenizer: str, val_fraction: float, workers: int):
+    """(sources, ids, splits, text bytes) per chunk, in input order; at most 2 x workers chunks in flight."""
+    if workers <= 1:
+        _init_worker(tokenizer)
+        for sources, texts in chunks:
+            yield (sources, *_encode_chunk(texts, val_fraction))
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        pending: deque = deque()
+        for sources, texts in chunks:
+            pending.append((sources, pool.apply_async(_encode_chunk, (texts, val_fraction))))
+            if len(pending) >= 2 * workers:
+                sources0, res = pending.popleft()
+                yield (sources0, *res.get())
+        while pending:
+            sources0, res = pending.popleft()
+            yield (sources0, *res.get())
+
+
+def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    ours = [n for n in os.listdir(out_dir) if n == INDEX_NAME or re.fullmatch(r"(train|val)-\d{6}\.tar", n)]
+    if ours and not overwrite:
+        raise DataError(f"--out: {out_dir} already holds shards or an index.json; pass --overwrite to replace them")
+    for name in ours:
+        os.remove(os.path.join(out_dir, name))
+
+
+def tokenizer_record(tok: Tokenizer, spec: str) -> dict:
+    return {
+        "source": spec,
+        "sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+    }
+
+
+def write_index(
+    out_dir: str, tokenizer: dict, dtype: np.dtype, splits: dict[str, list[dict]], stats: dict, options: dict
+) -> dict:
+    """Write ``index.json`` (atomically, last: its presence marks a complete build) and return it."""
+    index = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "created_by": f"bigtx {bigtx.__version__}",
+        "sample_format": {"ids": "ids.npy", "source": "source.txt", "eos_terminated": True},
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": tokenizer["vocab_size"],
+        "tokenizer": tokenizer,
+        "splits": {
+            name: {
+                "samples": sum(s["samples"] for s in shards),
+                "tokens": sum(s["tokens"] for s in shards),
+                "bytes": sum(s["bytes"] for s in shards),
+                "shards": shards,
+            }
+            for name, shards in splits.items()
+        },
+        "options": options,
+        "stats": stats,
+    }
+    tmp = os.path.join(out_dir, INDEX_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, os.path.join(out_dir, INDEX_NAME))
+    return index
+
+
+def build_shards(
+    inputs: Sequence[str],
+    tokenizer: str,
+    out_dir: str,
+    *,
+    shard_size: int = 64 * 10**6,
+    val_fraction: float = 0.01,
+    workers: int = 1,
+    text_field: str = "text",
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> dict:
+    """Build the shards and index of ``out_dir``; returns the index (plus ``seconds``). Raises ``DataError``."""
+    from tqdm import tqdm
+
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction: {val_fraction} is not in [0, 1)")
+    tok = load_tokenizer(tokenizer)
+    files = expand_inputs(inputs)
+    _prepare_out_dir(out_dir, overwrite)
+    dtype = ids_dtype(tok.vocab_size)
+    writers = {name: ShardSetWriter(out_dir, name, shard_size, dtype) for name in SPLITS}
+    stats = ReadStats()
+    total = None if any(f.endswith(".gz") for f in files) else sum(os.path.getsize(f) for f in files)
+    start = time.perf_counter()
+    eos = np.array([tok.eos_id], dtype=dtype)
+    ordinal = 0
+    disable = None if progress is None else not progress  # None: only on a terminal
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="building", disable=disable) as bar:
+        chunks = _chunks(iter_documents(files, stats, text_field))
+        for sources, ids, splits, nbytes in _encoded(chunks, tokenizer, val_fraction, workers):
+            for source, doc, split in zip(sources, ids, splits):
+                writers[split].write(f"{ordinal:010d}", np.concatenate([doc.astype(dtype, copy=False), eos]), source)
+                ordinal += 1
+            stats.text_bytes += nbytes
+            bar.update(nbytes)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(docs_per_s=f"{ordinal / elapsed:,.0f}", refresh=False)
+    shards = {name: w.close() for name, w in writers.items()}
+    seconds = time.perf_counter() - start
+    if ordinal == 0:
+        raise DataError(
+            f"--input: no documents in {len(files)} file(s) "
+            f"({stats.empty_docs} empty documents and {stats.bad_lines} bad jsonl lines skipped)"
+        )
+    options = {"shard_size": shard_size, "val_fraction": val_fraction, "text_field": text_field}
+    index = write_index(out_dir, tokenizer_record(tok, tokenizer), dtype, shards, stats.as_dict(), options)
+    return {**index, "seconds": seconds}
+
+
+def summary(index: dict) -> str:
+    """One paragraph describing a build (for the CLI)."""
+    s = index["stats"]
+    tr, va = index["splits"]["train"], index["splits"]["val"]
+    mb = s["text_bytes"] / 1e6
+    secs = index.get("seconds")
+    rate = f" in {secs:.1f}s ({mb / secs:.2f} MB/s, {s['documents'] / secs:,.0f} docs/s)" if secs else ""
+    lines = [
+        f"{s['documents']:,} documents, {mb:,.2f} MB of text from {s['files']} file(s){rate}",
+        f"train: {tr['samples']:,} docs, {tr['tokens']:,} tokens in {len(tr['shards'])} shard(s); "
+        f"val: {va['samples']:,} docs, {va['tokens']:,} tokens in {len(va['shards'])} shard(s)",
+    ]
+    skipped = [f"{s['empty_docs_skipped']} empty documents skipped"] if s["empty_docs_skipped"] else []
+    if s["non_utf8_docs"]:
+        skipped.append(f"{s['non_utf8_docs']} documents with non-UTF-8 bytes (replaced)")
+    if s["bad_lines_skipped"]:
+        skipped.append(f"{s['bad_lines_skipped']} bad jsonl lines skipped")
+    if skipped:
+        lines.append("; ".join(skipped))
+    if not va["shards"] and index.get("options", {}).get("val_fraction", 0) > 0:
+        lines.append("note: no document fell into the val split; raise --val-fraction for a validation set")
+    return "\n".join(lines)
