@@ -51,18 +51,30 @@ class Block(nn.Module):
     ) -> Tensor:
         """pre: x + f(norm(x)); post: norm(x + f(x)); for f = attention, then f = MLP."""
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.attn_norm(x), rope, kv, start_pos))
-            return x + self.drop(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.drop(self.attn(x, rope, kv, start_pos)))
-        return self.mlp_norm(x + self.drop(self.mlp(x)))
+            x = x + self.drop(self.attn(_autocast_input(self.attn_norm(x)), rope, kv, start_pos))
+            return x + self.drop(self.mlp(_autocast_input(self.mlp_norm(x))))
+        x = self.attn_norm(x + self.drop(self.attn(_autocast_input(x), rope, kv, start_pos)))
+        return self.mlp_norm(x + self.drop(self.mlp(_autocast_input(x))))
+
+
+def _autocast_input(h: Tensor) -> Tensor:
+    """``h`` in autocast's compute dtype when autocast is on, else ``h`` unchanged.
+
+    Attention reads its input with three linears and SwiGLU with two; autocast would cast the fp32
+    input once per linear (and keep each copy for backward). Casting once here saves the copies.
+    """
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return h.to(torch.get_autocast_dtype(device))
+    return h
 
 
 class Transformer(nn.Module):
     """Decoder-only language model: embeddings, ``n_layers`` blocks, final norm, output head.
 
-    The final norm is applied for both norm placements (for post-norm it follows the last block's own
-    norm, as in the bigtx checkpoints' layout). With ``tie_embeddings`` the head reuses
-    ``embed.weight`` and there is no ``lm_head`` parameter.
+    The final norm is applied for both norm placements; with post-norm it directly follows the last
+    block's own norm (redundant but harmless), so both placements share one state-dict layout. With
+    ``tie_embeddings`` the head reuses ``embed.weight`` and there is no ``lm_head`` parameter.
     """
 
     def __init__(self, cfg: ModelSection) -> None:
