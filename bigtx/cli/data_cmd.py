@@ -1,12 +1,104 @@
-"""`bigtx data` (not implemented yet)."""
+"""`bigtx data build|inspect`: tokenized WebDataset shards."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
-from bigtx.cli.common import fail
+from bigtx.cli.common import UserError
+
+
+def _build(args: argparse.Namespace) -> int:
+    from bigtx.data.build import build_shards, parse_size, summary
+    from bigtx.data.errors import DataError
+
+    try:
+        index = build_shards(
+            args.input,
+            args.tokenizer,
+            args.out,
+            shard_size=parse_size(args.shard_size),
+            val_fraction=args.val_fraction,
+            workers=args.workers,
+            text_field=args.text_field,
+            overwrite=args.overwrite,
+            progress=False if args.no_progress else None,
+        )
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    print(summary(index))
+    print(f"wrote {os.path.join(args.out, 'index.json')}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from bigtx.data.errors import DataError
+    from bigtx.data.inspection import inspect_dir
+
+    try:
+        ok = inspect_dir(
+            args.dir,
+            samples=args.samples,
+            tokenizer=args.tokenizer,
+            verify=args.verify,
+            split=args.split,
+            max_shards=args.max_shards,
+        )
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    return 0 if ok else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="(not implemented yet)")
-    p.set_defaults(func=lambda args: fail("bigtx data is not implemented yet"))
+    p = sub.add_parser("data", help="build and inspect tokenized shards")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    dsub.required = True
+
+    desc = (
+        "Tokenize text files (one document per file) and .jsonl files (one per line), optionally .gz, into "
+        "WebDataset shards train-000000.tar, val-000000.tar, ... and DIR/index.json. Same input, "
+        "byte-identical output."
+    )
+    b = dsub.add_parser("build", help="tokenize text into shards", description=desc)
+    b.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help="files, globs or directories")
+    b.add_argument("--tokenizer", required=True, metavar="T", help="`byte` or a tokenizer.json")
+    b.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    b.add_argument(
+        "--shard-size", default="64MB", metavar="SIZE", help="largest shard, e.g. 64MB, 256MiB (default 64MB)"
+    )
+    b.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="share of documents for the val split, chosen by a hash of the text (default 0.01)",
+    )
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        metavar="N",
+        help="tokenizer processes (default: CPU cores, at most 8)",
+    )
+    b.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
+    b.add_argument("--overwrite", action="store_true", help="replace shards and index already in DIR")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=_build)
+
+    i = dsub.add_parser(
+        "inspect",
+        help="totals, shard table and a few decoded samples of a build",
+        description="Print what `bigtx data build` wrote to DIR.",
+    )
+    i.add_argument("dir", metavar="DIR", help="a `bigtx data build` output directory")
+    i.add_argument("--samples", type=int, default=3, metavar="N", help="decoded samples to show (default 3)")
+    i.add_argument("--split", choices=["train", "val"], default="train", help="split to show samples of")
+    i.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="T",
+        help="tokenizer to decode with (default: the one recorded in index.json, if found)",
+    )
+    i.add_argument("--max-shards", type=int, default=20, metavar="N", help="shard table rows per split (default 20)")
+    i.add_argument("--verify", action="store_true", help="read every shard and check its sha256 and samples")
+    i.set_defaults(func=_inspect)

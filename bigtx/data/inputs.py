@@ -13,6 +13,7 @@ import gzip
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ log = logging.getLogger("bigtx.data")
 _GLOB_CHARS = set("*?[")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _MAX_LINE_WARNINGS = 5
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -106,7 +108,7 @@ def _clean(text: str, stats: ReadStats) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         stats.non_utf8_docs += 1
-        text = text.encode("utf-8", errors="replace").decode("utf-8")
+        text = _SURROGATE.sub("\ufffd", text)
     return text
 
 

@@ -69,7 +69,7 @@ def inspect_dir(
             status = ""
             if verify:
                 try:
-                    read_shard(os.path.join(directory, sh["name"]), sh["sha256"], sh["samples"])
+                    read_shard(os.path.join(directory, sh["name"]), sh["sha256"], sh["samples"], sh["bytes"])
                     status = "  ok"
                 except CorruptShard as exc:
                     status, ok = f"  BAD: {exc}", False

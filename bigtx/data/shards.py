@@ -229,10 +229,17 @@ def fetch(url: str) -> bytes:
 
 
 def read_shard(
-    url: str, sha256: str | None = None, samples: int | None = None, with_sources: bool = False
+    url: str,
+    sha256: str | None = None,
+    samples: int | None = None,
+    size: int | None = None,
+    with_sources: bool = False,
 ) -> ShardData:
-    """Fetch, verify and parse one shard. Raises ``CorruptShard``."""
+    """Fetch, verify against what the index says (if anything) and parse one shard. Raises ``CorruptShard``."""
     buf = fetch(url)
+    if size is not None and len(buf) != size:
+        what = "truncated" if len(buf) < size else "too long"
+        raise CorruptShard(f"{what}: {len(buf)} bytes, index.json says {size}")
     if sha256 is not None:
         got = hashlib.sha256(buf).hexdigest()
         if got != sha256:

@@ -37,6 +37,7 @@ class Shard:
     sha256: str | None = None
     samples: int | None = None
     tokens: int | None = None
+    size: int | None = None
 
 
 @dataclass
@@ -105,6 +106,7 @@ def _index_source(location: str, split: str, label: str, spec: str, weight: floa
             sha256=e.get("sha256"),
             samples=e.get("samples"),
             tokens=e.get("tokens"),
+            size=e.get("bytes"),
         )
         for e in entries
     ]

@@ -180,7 +180,7 @@ class SourceStream:
         shard = self.source.shards[shard_idx]
         loaded: _Loaded | None = None
         try:
-            data = read_shard(shard.url, shard.sha256, shard.samples)
+            data = read_shard(shard.url, shard.sha256, shard.samples, shard.size)
         except CorruptShard as exc:
             self.policy.bad_shard(self.source.label, shard, str(exc))
         else:

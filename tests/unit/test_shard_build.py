@@ -1,0 +1,205 @@
+"""The shard builder: inputs, the sample format, index.json, determinism, plain-WebDataset output, the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from bigtx.cli.main import main
+from bigtx.data import DataError
+from bigtx.data.build import build_shards, parse_size, split_of
+from bigtx.data.shards import ShardSetWriter, ids_dtype, read_shard
+
+EOS = 256
+
+
+def make_inputs(root) -> dict[str, str]:
+    """Plain text, .txt.gz, .jsonl and .jsonl.gz inputs; returns {source: text} of every document."""
+    root.mkdir(parents=True, exist_ok=True)
+    docs: dict[str, str] = {}
+    for i in range(8):
+        text = f"plain document {i} " + "word " * (i * 13 + 5)
+        (root / f"t{i}.txt").write_text(text)
+        docs[str(root / f"t{i}.txt")] = text
+    with gzip.open(root / "z.txt.gz", "wt") as f:
+        f.write("a gzipped plain document")
+    docs[str(root / "z.txt.gz")] = "a gzipped plain document"
+    with open(root / "j.jsonl", "w") as f:
+        for i in range(30):
+            text = f"json line {i} é " + "x" * (i * 7)
+            f.write(json.dumps({"text": text, "id": i}) + "\n")
+            docs[f"{root / 'j.jsonl'}:{i + 1}"] = text
+    with gzip.open(root / "k.jsonl.gz", "wt") as f:
+        for i in range(20):
+            text = f"gz json {i} " + "y" * i
+            f.write(json.dumps({"text": text}) + "\n")
+            docs[f"{root / 'k.jsonl.gz'}:{i + 1}"] = text
+    return docs
+
+
+def read_all(out: str, index: dict) -> dict[str, list[int]]:
+    """{source: ids} of every sample in every shard, read with webdataset itself."""
+    found = {}
+    for split in ("train", "val"):
+        urls = [os.path.join(out, s["name"]) for s in index["splits"][split]["shards"]]
+        if not urls:
+            continue
+        for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+            assert sample["ids.npy"].dtype == np.dtype(index["dtype"])
+            found[sample["source.txt"]] = sample["ids.npy"].tolist()
+    return found
+
+
+def test_build_reads_every_input_kind_and_writes_a_complete_index(tmp_path):
+    docs = make_inputs(tmp_path / "in")
+    out = str(tmp_path / "ds")
+    index = build_shards([str(tmp_path / "in")], "byte", out, shard_size=4096, val_fraction=0.2, progress=False)
+    assert index["dtype"] == "uint16" and index["vocab_size"] == 258
+    assert index["tokenizer"]["source"] == "byte" and len(index["tokenizer"]["sha256"]) == 64
+    assert index["stats"]["documents"] == len(docs)
+    train, val = index["splits"]["train"], index["splits"]["val"]
+    assert train["samples"] + val["samples"] == len(docs) and val["samples"] > 0
+    assert len(train["shards"]) > 3
+    for split in (train, val):
+        assert split["tokens"] == sum(s["tokens"] for s in split["shards"])
+        for s in split["shards"]:
+            raw = open(os.path.join(out, s["name"]), "rb").read()
+            assert hashlib.sha256(raw).hexdigest() == s["sha256"] and len(raw) == s["bytes"]
+            assert s["bytes"] <= 4096 + 10240  # one record of tar padding at most over the limit
+    found = read_all(out, index)
+    assert set(found) == set(docs)
+    for source, ids in found.items():
+        assert ids[-1] == EOS and EOS not in ids[:-1]
+        assert bytes(ids[:-1]).decode("utf-8") == docs[source]
+    # the val split is a function of the text only
+    val_sources = set(read_all(out, {**index, "splits": {"train": {"shards": []}, "val": val}}))
+    assert val_sources == {source for source, text in docs.items() if split_of(text, 0.2) == "val"}
+
+
+def test_output_is_byte_identical_across_runs_and_worker_counts(tmp_path):
+    make_inputs(tmp_path / "in")
+    outs = []
+    for name, workers in (("a", 1), ("b", 2), ("c", 1)):
+        out = tmp_path / name
+        build_shards([str(tmp_path / "in")], "byte", str(out), shard_size=4096, workers=workers, progress=False)
+        outs.append({p: (out / p).read_bytes() for p in sorted(os.listdir(out))})
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_shards_are_plain_tar(tmp_path):
+    make_inputs(tmp_path / "in")
+    out = tmp_path / "ds"
+    build_shards([str(tmp_path / "in" / "j.jsonl")], "byte", str(out), val_fraction=0, progress=False)
+    listing = subprocess.run(["tar", "tvf", str(out / "train-000000.tar")], capture_output=True, text=True, check=True)
+    lines = listing.stdout.splitlines()
+    assert lines[0].split()[-1] == "0000000000.ids.npy" and lines[1].split()[-1] == "0000000000.source.txt"
+    assert all(line.startswith("-r--r--r-- 0/0") and "1970-01-01" in line for line in lines)
+    assert not os.path.exists(out / "val-000000.tar")
+
+
+def test_uint32_when_the_vocabulary_needs_it(tmp_path):
+    assert ids_dtype(65536) == np.uint16 and ids_dtype(65537) == np.uint32
+    writer = ShardSetWriter(str(tmp_path), "train", 1 << 20, ids_dtype(100_000))
+    writer.write("k0", np.array([5, 99_999, 70_000], dtype=np.int64), "src")
+    (entry,) = writer.close()
+    data = read_shard(str(tmp_path / entry["name"]), entry["sha256"], 1, entry["bytes"])
+    assert data.docs[0].dtype == np.uint32 and data.docs[0].tolist() == [5, 99_999, 70_000]
+
+
+def test_bad_input_is_counted_or_refused(tmp_path, caplog):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (root / "empty.txt").write_text("   \n")
+    with open(root / "mixed.jsonl", "w") as f:
+        f.write('{"text": "fine"}\n')
+        f.write("not json\n")
+        f.write('{"body": "wrong field"}\n')
+        f.write('{"text": 42}\n')
+        f.write('{"text": ""}\n')
+        f.write('{"text": "lone surrogate \\ud800 here"}\n')
+    index = build_shards([str(root)], "byte", str(tmp_path / "ds"), val_fraction=0, progress=False)
+    stats = index["stats"]
+    assert stats["documents"] == 3 and stats["empty_docs_skipped"] == 2
+    assert stats["non_utf8_docs"] == 2 and stats["bad_lines_skipped"] == 3
+    texts = {bytes(ids[:-1]).decode() for ids in read_all(str(tmp_path / "ds"), index).values()}
+    assert texts == {"caf\ufffd au lait", "fine", "lone surrogate \ufffd here"}
+    assert any("mixed.jsonl:2" in r.getMessage() for r in caplog.records)
+
+
+def test_text_field_option(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"content": "hello"}\n{"content": "world"}\n')
+    index = build_shards(
+        [str(tmp_path / "a.jsonl")], "byte", str(tmp_path / "ds"), text_field="content", val_fraction=0, progress=False
+    )
+    assert index["splits"]["train"]["samples"] == 2
+
+
+@pytest.mark.parametrize(
+    "inputs, match",
+    [
+        (["NOPE*.txt"], "matches no files"),
+        (["NOPE.txt"], "no such file or directory"),
+        (["EMPTY"], "no documents in 1 file"),
+        (["GZ"], "cannot read"),
+    ],
+)
+def test_build_errors(tmp_path, inputs, match):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "broken.txt.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    paths = {"EMPTY": str(tmp_path / "empty.txt"), "GZ": str(tmp_path / "broken.txt.gz")}
+    inputs = [paths.get(p, str(tmp_path / p)) for p in inputs]
+    with pytest.raises(DataError, match=match):
+        build_shards(inputs, "byte", str(tmp_path / "ds"), progress=False)
+
+
+def test_parse_size():
+    assert parse_size("64MB") == 64_000_000 and parse_size("1.5GiB") == 3 << 29 and parse_size("8192") == 8192
+    for bad in ("12 parsecs", "1KB", ""):
+        with pytest.raises(DataError, match="--shard-size"):
+            parse_size(bad)
+
+
+def test_cli_build_inspect_and_errors(tmp_path, capsys):
+    make_inputs(tmp_path / "in")
+    out = str(tmp_path / "ds")
+    args = ["data", "build", "--input", str(tmp_path / "in" / "*.txt"), str(tmp_path / "in" / "*.jsonl*")]
+    args += ["--tokenizer", "byte", "--out", out, "--shard-size", "8KB", "--workers", "1", "--val-fraction", "0.1"]
+    assert main(args) == 0
+    assert "58 documents" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(args)  # the directory is not empty
+    assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["data", "inspect", out, "--samples", "2", "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "train-000000.tar" in text and "all shards ok" in text and "plain document 0 word" in text
+    with open(os.path.join(out, "train-000001.tar"), "r+b") as f:
+        f.truncate(1000)
+    assert main(["data", "inspect", out, "--verify"]) == 1
+    assert "BAD: truncated" in capsys.readouterr().out
+    for bad in (
+        ["data", "inspect", str(tmp_path)],
+        ["data", "build", "--input", "x", "--tokenizer", "nope", "--out", "y"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(bad)
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.startswith("bigtx: error: ")
+
+
+def test_cli_help_runs_as_a_subprocess():
+    bigtx = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", ".venv", "bin", "bigtx")
+    if not os.path.exists(bigtx):
+        pytest.skip("no .venv/bin/bigtx")
+    for cmd in (["data", "build"], ["data", "inspect"], ["tokenizer", "train"]):
+        res = subprocess.run([bigtx, *cmd, "--help"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "usage: bigtx" in res.stdout
