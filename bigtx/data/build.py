@@ -61,10 +61,11 @@ def split_of(text: str, val_fraction: float) -> str:
 _worker_tok: Tokenizer | None = None
 
 
-def _init_worker(tokenizer: str) -> None:
+def _init_worker(tokenizer: str, in_pool: bool = True) -> None:
     global _worker_tok
-    # Each worker is one process; the library's own thread pool would only oversubscribe the cores.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if in_pool:
+        # One process per core already; the library's own thread pool would only oversubscribe them.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tok = load_tokenizer(tokenizer)
 
 
@@ -95,8 +96,8 @@ def _chunks(docs):
 
 def _encoded(chunks, tokenizer: str, val_fraction: float, workers: int):
     """(sources, ids, splits, text bytes) per chunk, in input order; at most 2 x workers chunks in flight."""
-    if workers <= 1:
-        _init_worker(tokenizer)
+    if workers <= 1:  # in this process; a tokenizers BPE still uses its own threads
+        _init_worker(tokenizer, in_pool=False)
         for sources, texts in chunks:
             yield (sources, *_encode_chunk(texts, val_fraction))
         return

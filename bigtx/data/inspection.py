@@ -6,7 +6,7 @@ import os
 
 from bigtx.data.errors import DataError
 from bigtx.data.shards import CorruptShard, read_shard
-from bigtx.data.sources import INDEX_NAME, _read_index
+from bigtx.data.sources import INDEX_NAME, read_index
 from bigtx.data.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -40,7 +40,7 @@ def inspect_dir(
     path = os.path.join(directory, INDEX_NAME)
     if not os.path.isfile(path):
         raise DataError(f"DIR: {directory} has no {INDEX_NAME}; is it a `bigtx data build` output?")
-    index = _read_index(path, "DIR")
+    index = read_index(path, "DIR")
     rec = index["tokenizer"]
     print(f"{directory}: {index['created_by']}, ids {index['dtype']}", file=out)
     print(

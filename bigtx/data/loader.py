@@ -63,7 +63,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bigtx.data.errors import DataError
-from bigtx.data.packing import Packer
+from bigtx.data.packing import Packer, to_batch
 from bigtx.data.sources import Source, check_sources, check_tokenizer, split_sources
 from bigtx.data.stream import Counters, DocPolicy, SlotStream, fresh_source_state, shard_plan
 
@@ -107,7 +107,10 @@ class LoaderConfig:
 
 
 def _produce(cfg: LoaderConfig, reader: int, state: dict | None) -> Iterator[tuple]:
-    """Micro-batches of one reader: ``(reader, x, y, state after this batch)``."""
+    """Token blocks of one reader: ``(reader, block, state after this block)``.
+
+    Blocks stay in the shards' compact dtype: with workers they travel through a pipe as pickled numpy
+    (a few tens of KB), which is cheaper than torch's per-tensor shared-memory segments."""
     state = state or {}
     counters = Counters(**state.get("counters", {}))
     policy = DocPolicy(cfg.on_error, cfg.vocab_limit, cfg.eos_id, counters)
@@ -126,13 +129,12 @@ def _produce(cfg: LoaderConfig, reader: int, state: dict | None) -> Iterator[tup
         block = packer.next_block(stream.next_doc)
         if block is None:
             return
-        x, y = packer.split(block)
         snapshot = {
             "stream": stream.state(),
             "leftover": packer.leftover,
             "counters": {"bad_shards": counters.bad_shards, "skipped_docs": counters.skipped_docs},
         }
-        yield reader, torch.from_numpy(x), torch.from_numpy(y), snapshot
+        yield reader, block, snapshot
 
 
 class _ReaderDataset(IterableDataset):
@@ -182,29 +184,38 @@ class TokenLoader:
         self._states: list[dict | None] = [None] * cfg.readers
         self._next_reader = 0
         self._batches = 0
+        self._live = None  # the current iterator: one at a time, since each updates the loader's state
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.cfg.train:
-            return self._iter_train()
-        return self._iter_val()
+        self.close()
+        self._live = self._iter_train() if self.cfg.train else self._iter_val()
+        return self._live
+
+    def close(self) -> None:
+        """Stop the current iterator and its worker processes (also done by a new ``iter()``)."""
+        if self._live is not None:
+            self._live.close()
+            self._live = None
 
     def _iter_train(self):
+        cfg = self.cfg
         expected = self._next_reader
-        for reader, x, y, snapshot in self._run(list(self._states), self._next_reader):
+        for reader, block, snapshot in self._run(list(self._states), self._next_reader):
             if reader != expected:
                 raise RuntimeError(f"data loader: batch from reader {reader}, expected reader {expected}")
             self._states[reader] = snapshot
             self._batches += 1
-            expected = self._next_reader = (reader + 1) % self.cfg.readers
-            yield x, y
+            expected = self._next_reader = (reader + 1) % cfg.readers
+            yield to_batch(block, cfg.micro_batch_size, cfg.seq_len)
 
     def _iter_val(self):
-        self._states = [None] * self.cfg.readers
+        cfg = self.cfg
+        self._states = [None] * cfg.readers
         self._batches = 0
-        for reader, x, y, snapshot in self._run(list(self._states), 0):
+        for reader, block, snapshot in self._run(list(self._states), 0):
             self._states[reader] = snapshot
             self._batches += 1
-            yield x, y
+            yield to_batch(block, cfg.micro_batch_size, cfg.seq_len)
 
     def _run(self, states: list[dict | None], phase: int) -> Iterator[tuple]:
         if self.cfg.num_workers == 0:
@@ -242,6 +253,7 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the batch ``state`` was saved at; call before ``iter()``. Raises ``DataError``."""
+        self.close()
         cfg = self.cfg
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "readers" not in state:
             raise DataError("data: not a bigtx data-loader state (or one from another bigtx version)")
@@ -276,9 +288,7 @@ class TokenLoader:
                 "(data already read in that epoch is seen again; nothing is skipped)"
             )
         log.warning("data: %s; data.allow_reshuffle=true: restarting epoch %d in this layout's order", why, epoch)
-        counters = {
-            k: sum(s["counters"][k] for s in saved) if cfg.rank == 0 else 0 for k in ("bad_shards", "skipped_docs")
-        }
+        counters = {k: sum(s["counters"][k] for s in saved) for k in ("bad_shards", "skipped_docs")}
         fresh = {"sources": [fresh_source_state(epoch) for _ in cfg.sources], "taken": [0] * len(cfg.sources)}
         self._states = [
             {"stream": fresh, "leftover": np.zeros(0, np.uint16), "counters": counters if i == 0 else {}}

@@ -5,7 +5,8 @@ A micro-batch of ``rows`` sequences takes the next ``rows * seq_len + 1`` tokens
 inputs ``stream[i*L : i*L + L]`` and targets ``stream[i*L + 1 : i*L + L + 1]``, i.e. windows of
 ``seq_len + 1`` tokens where consecutive windows share their boundary token, so every token of the
 stream is a target exactly once. The last token of a block stays as the first of the next one.
-All work is whole-array numpy: one concatenate and one int64 cast per micro-batch.
+All work is whole-array numpy: one concatenate per micro-batch; blocks keep the shards' compact dtype
+(a quarter of int64's bytes to move between processes) until ``to_batch`` casts them once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 _EMPTY = np.zeros(0, dtype=np.uint16)
 
@@ -24,7 +26,8 @@ class Packer:
         self.leftover = _EMPTY if leftover is None else leftover
 
     def next_block(self, next_doc: Callable[[], np.ndarray | None]) -> np.ndarray | None:
-        """``rows * seq_len + 1`` int64 tokens, or None when ``next_doc`` runs out first (the tail is dropped)."""
+        """The next ``rows * seq_len + 1`` tokens (the documents' dtype), or None when ``next_doc`` runs out
+        first (the tail is dropped)."""
         need = self.rows * self.seq_len + 1
         parts = [self.leftover]
         have = self.leftover.shape[0]
@@ -37,9 +40,11 @@ class Packer:
         flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
         # A view, not a copy: a long document is cut into many blocks without quadratic copying.
         self.leftover = flat[need - 1 :]
-        return flat[:need].astype(np.int64)
+        return flat[:need]
 
-    def split(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Inputs and targets, each ``[rows, seq_len]``; both are views of ``block``."""
-        n = self.rows * self.seq_len
-        return block[:n].reshape(self.rows, self.seq_len), block[1 : n + 1].reshape(self.rows, self.seq_len)
+
+def to_batch(block: np.ndarray, rows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 inputs and targets ``[rows, seq_len]`` from a block of ``rows * seq_len + 1`` tokens; the two
+    tensors are views of one buffer, shifted by one token."""
+    flat = torch.from_numpy(block.astype(np.int64))
+    return flat[:-1].view(rows, seq_len), flat[1:].view(rows, seq_len)

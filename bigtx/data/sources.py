@@ -74,7 +74,7 @@ def _local(s: str) -> str | None:
     return None
 
 
-def _read_index(location: str, label: str) -> dict:
+def read_index(location: str, label: str) -> dict:
     local = _local(location)
     try:
         if local is not None:
@@ -96,7 +96,7 @@ def _read_index(location: str, label: str) -> dict:
 
 
 def _index_source(location: str, split: str, label: str, spec: str, weight: float) -> Source:
-    index = _read_index(location, label)
+    index = read_index(location, label)
     base = location[: -len(INDEX_NAME)]
     entries = index["splits"].get(split, {}).get("shards", [])
     shards = [

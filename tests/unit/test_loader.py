@@ -350,6 +350,16 @@ def test_workers_shut_down(corpus):
     assert multiprocessing.active_children() == []
     list(make_loader(out, "val", nw=2))
     assert multiprocessing.active_children() == []
+    # a new iter() replaces the live one (and its workers) and continues from the last batch delivered
+    reference = take(make_loader(out, nw=2), 6)
+    loader = make_loader(out, nw=2)
+    it = iter(loader)
+    head = [next(it) for _ in range(3)]
+    tail = take(loader, 3)
+    assert_same(reference, head + tail)
+    with pytest.raises(StopIteration):
+        next(it)
+    assert multiprocessing.active_children() == []
 
 
 def test_state_is_small_and_plain(corpus):
