@@ -79,7 +79,8 @@ def _encode_chunk(texts: list[str], val_fraction: float) -> tuple[list[np.ndarra
 # --- main side ------------------------------------------------------------------------------------
 
 
-def _chunks(docs):
+def chunk_documents(docs):
+    """Group ``(source, text)`` pairs into tokenization tasks of about 1 MB of text (at most 1024 documents)."""
     chunk_src: list[str] = []
     chunk_txt: list[str] = []
     size = 0
@@ -195,7 +196,7 @@ def build_shards(
     ordinal = 0
     disable = None if progress is None else not progress  # None: only on a terminal
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="building", disable=disable) as bar:
-        chunks = _chunks(iter_documents(files, stats, text_field))
+        chunks = chunk_documents(iter_documents(files, stats, text_field))
         for sources, ids, splits, nbytes in _encoded(chunks, tokenizer, val_fraction, workers):
             for source, doc, split in zip(sources, ids, splits):
                 writers[split].write(f"{ordinal:010d}", np.concatenate([doc.astype(dtype, copy=False), eos]), source)
