@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-import braceexpand
-
 from bigtx.data.errors import DataError
 from bigtx.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -120,21 +118,20 @@ def _index_source(location: str, split: str, label: str, spec: str, weight: floa
 
 
 def _pattern_shards(pattern: str, label: str) -> list[Shard]:
+    from webdataset.shardlists import expand_urls  # webdataset's own rules: "::" lists, braces, WDS_ variables
+
     urls: list[str] = []
-    for part in pattern.split("::"):
-        part = part.strip()
-        if not part:
+    for url in expand_urls(pattern):
+        url = url.strip()
+        if not url:
             continue
-        expanded = list(braceexpand.braceexpand(part))
-        for url in expanded:
-            local = _local(url)
-            if local is not None and set("*?[") & set(local) and _scheme(url) == "":
-                found = sorted(glob.glob(local))
-                if not found:
-                    raise DataError(f"{label}: {url!r} matches no files")
-                urls.extend(found)
-            else:
-                urls.append(url)
+        if _scheme(url) == "" and set("*?[") & set(url):
+            found = sorted(glob.glob(url))
+            if not found:
+                raise DataError(f"{label}: {url!r} matches no files")
+            urls.extend(found)
+        else:
+            urls.append(url)
     if not urls:
         raise DataError(f"{label}: {pattern!r} names no shards")
     missing = [u for u in urls if _local(u) is not None and not os.path.isfile(_local(u))]  # type: ignore[arg-type]
