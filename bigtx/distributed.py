@@ -112,6 +112,23 @@ def init(env: DistEnv) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout(), verbose=False)
 
 
+def allow_emulated_fp16() -> bool:
+    """Let DeepSpeed train in fp16 on a CPU without native fp16 kernels; True if that was needed.
+
+    DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has fp16 kernels (AVX512-FP16/AMX). torch
+    computes fp16 on any CPU, only slower, and bigtx's fp16 path (loss scaling, skipped steps) is
+    the one GPUs use, so on such CPUs bigtx lifts the refusal and says so.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if torch.cuda.is_available() or accelerator.is_fp16_supported():
+        return False
+    accelerator.is_fp16_supported = lambda: True
+    accelerator.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
+    return True
+
+
 def device(env: DistEnv) -> torch.device:
     return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 

@@ -138,7 +138,7 @@ def evaluate(engine: Any, val_loader: Any, n_batches: int, device: torch.device)
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
     """
-    batches = list(islice(iter(val_loader), n_batches))
+    batches = list(islice(iter(val_loader), n_batches)) if val_loader is not None else []
     n = torch.tensor([len(batches)], dtype=torch.int64)
     if dist.get_world_size() > 1:
         n = n.to(distributed.device_of_backend())
@@ -188,10 +188,10 @@ def resume(engine: Any, path: Path, spec: RunSpec, env: DistEnv, train_loader: A
     else:
         universal = path.parent / "universal" / path.name
         engine.load_checkpoint(str(universal.parent), tag=universal.name, load_lr_scheduler_states=False)
-        old_states = [
-            torch.load(checkpoint.rank_file(path, r), weights_only=False)["loader"] for r in range(meta["world_size"])
-        ]
-        train_loader.load_resharded_state(old_states, allow_reshuffle=spec.data.allow_reshuffle)
+        # The old ranks' data positions cannot be split exactly across a new number of readers; the
+        # loader refuses, or with data.allow_reshuffle restarts the epoch in the new layout's order.
+        old = torch.load(checkpoint.rank_file(path, 0), weights_only=False)
+        train_loader.load_state_dict(old["loader"])
         seed_everything(spec.run.seed + meta["step"], env.rank)
     log.info("resumed from %s at step %d (%d tokens seen)", path, meta["step"], meta["tokens"])
     return Progress(step=meta["step"], tokens=meta["tokens"])
@@ -248,6 +248,8 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
     setup_logging(run_dir, env, spec.deepspeed.log_level)
     distributed.init(env)
     device = distributed.device(env)
+    if spec.precision == "fp16" and distributed.allow_emulated_fp16():
+        log.warning("this CPU has no native fp16 kernels: fp16 runs emulated (slow); bf16 is the fast choice here")
     hosts: list[Any] = [None] * env.world_size
     dist.all_gather_object(hosts, socket.gethostname())
 
@@ -292,7 +294,11 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
         vocab_size=spec.model.vocab_size,
     )
     train_loader = build_loader(spec.data, split="train", **loader_args)
-    val_loader = build_loader(spec.data, split="val", **loader_args)
+    try:
+        val_loader = build_loader(spec.data, split="val", **loader_args)
+    except DataError as exc:
+        log.warning("no validation: %s", exc)
+        val_loader = None
 
     progress = resume(engine, start, spec, env, train_loader) if start else Progress()
     if env.is_main:
@@ -300,7 +306,7 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
         log.info(
             "training %s: %s parameters, %d rank(s), ZeRO-%d, %s, global batch %d x %d tokens, steps %d -> %d",
             spec.run.name,
-            f"{model.num_params():,}",
+            f"{spec.model.num_params():,}",
             env.world_size,
             spec.zero.stage,
             spec.precision,
@@ -314,7 +320,7 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
         metrics.log_spec(
             spec_to_dict(spec),
             {
-                "params": model.num_params(),
+                "params": spec.model.num_params(),
                 "world_size": env.world_size,
                 "precision": spec.precision,
                 "zero_stage": spec.zero.stage,

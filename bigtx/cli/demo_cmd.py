@@ -69,12 +69,14 @@ def unigram_entropy(shards: Path) -> float:
     that ignores context."""
     import numpy as np
 
-    from bigtx.data import iter_documents
+    from bigtx.data.shards import read_shard
+    from bigtx.data.sources import resolve_source
 
-    vocab = json.loads((shards / "index.json").read_text())["vocab_size"]
-    counts = np.zeros(vocab, dtype=np.int64)
-    for ids in iter_documents(shards, split="train"):
-        counts += np.bincount(ids, minlength=vocab)
+    source = resolve_source(str(shards), "train", "data.train")
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    for shard in source.shards:
+        for ids in read_shard(shard.url, shard.sha256).docs:
+            counts[: ids.max() + 1] += np.bincount(ids)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
