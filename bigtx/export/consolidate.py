@@ -1,0 +1,358 @@
+"""Read the full-precision weights of a bigtx model, one tensor at a time.
+
+A ``WeightSource`` names every tensor of a ``Transformer`` state dict with its shape and reads one
+tensor on request. Sources: a DeepSpeed checkpoint of any ZeRO stage, a universal checkpoint, a
+`bigtx export safetensors` directory and (through ``bigtx.export.importer``) a Hugging Face
+directory. ``open_source`` picks the right one for a path.
+
+What DeepSpeed writes, and where the fp32 master weights are (DeepSpeed 0.16-0.19):
+
+- ZeRO-1/2: each rank's ``*_optim_states.pt`` holds its partition of every parameter group's
+  flat fp32 vector (``single_partition_of_fp32_groups``); ``*_model_states.pt`` holds the
+  parameter names and shapes per group in flattening order (``param_shapes``). DeepSpeed's
+  ``zero_to_fp32`` parses both; it then concatenates each whole group in memory, so instead each
+  parameter is gathered from the partitions it spans (``_zero12_reader``).
+- ZeRO-3: ``fp32_flat_groups`` per rank, each parameter split evenly over the ranks; DeepSpeed's
+  lazy mode (``get_fp32_state_dict_from_zero_checkpoint(..., lazy_mode=True)``) gathers one
+  parameter at a time already.
+- stage 0 with bf16/fp16: DeepSpeed wraps the optimizer in ``FP16_Optimizer`` (also for bf16,
+  "DDP_BFLOAT16"), which keeps one unpartitioned flat fp32 vector per parameter group in
+  rank 0's ``mp_rank_00_model_states.pt`` (``optimizer.fp32_groups_flat``) with no parameter
+  names. The order is that of the parameter groups bigtx handed to DeepSpeed
+  (``bigtx.optim.param_groups``), rebuilt from the saved spec; every master weight is checked
+  against the bf16/fp16 module weight it must round to.
+- stage 0 with fp32: no wrapper; the module weights in ``mp_rank_00_model_states.pt`` are the
+  weights the optimizer updates.
+- universal (``bigtx ckpt universal`` / ``checkpoint.to_universal``): ``zero/<name>/fp32.pt``.
+
+Checkpoint files are opened with ``mmap=True``: what is read is paged in on demand and nothing
+else (optimizer moments) is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from bigtx.checkpoint.store import COMPLETE, META, NEWEST, CheckpointError, complete_checkpoints, tag_for, verify
+from bigtx.config import RunSpec, SpecError, load_spec, validate_spec
+from bigtx.config.spec import ModelSection
+from bigtx.model import Transformer
+from bigtx.model.weights import INDEX_FILE, SINGLE_FILE, SPEC_FILE, tensor_files
+
+
+class ExportError(ValueError):
+    """A path, option or model that cannot be exported or imported; the message says what to do."""
+
+
+@dataclass
+class WeightSource:
+    """The tensors of one bigtx model, read one at a time.
+
+    ``shapes`` lists every state-dict key of ``Transformer(spec.model)`` in its order; ``read(key)``
+    returns that tensor (fp32 for checkpoints; as stored for weight directories).
+    """
+
+    path: Path
+    spec: RunSpec
+    kind: str
+    shapes: dict[str, tuple[int, ...]]
+    read: Callable[[str], Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> Iterator[tuple[str, Tensor]]:
+        for key in self.shapes:
+            yield key, self.read(key)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """All tensors at once (for small models and tests)."""
+        return dict(self.tensors())
+
+    def describe(self) -> str:
+        step = f" step {self.meta['step']}" if "step" in self.meta else ""
+        return f"{self.path} ({self.kind}{step}, {self.spec.model.num_params():,} parameters)"
+
+
+def expected_shapes(cfg: ModelSection) -> dict[str, tuple[int, ...]]:
+    """State-dict keys and shapes of ``Transformer(cfg)``, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model_copy(update={"compile": False}))
+    return {key: tuple(t.shape) for key, t in model.state_dict().items()}
+
+
+def ordered_like_model(cfg: ModelSection, found: dict[str, tuple[int, ...]], where: Path) -> dict[str, tuple[int, ...]]:
+    """``found`` in the model's key order; raises ``CheckpointError`` unless keys and shapes are the model's."""
+    expected = expected_shapes(cfg)
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k} {found[k]} != {expected[k]}" for k in expected if k in found and tuple(found[k]) != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{where}: the weights do not match the model section of its spec: "
+            f"missing {missing[:6] or 'none'}, unexpected {unexpected[:6] or 'none'}, shapes {wrong[:6] or 'ok'}"
+        )
+    return {k: expected[k] for k in expected}
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the checkpoint.
+
+
+def resolve_checkpoint(path: Path, tag: str | None = None) -> Path:
+    """The checkpoint directory meant by a run directory (+ optional tag) or a checkpoint path.
+
+    A run directory means its newest complete checkpoint (``checkpoints/newest``) or ``tag``
+    (``step_00000020``, ``20`` or ``universal/step_00000020``). Raises ``ExportError``.
+    """
+    if not path.exists():
+        raise ExportError(f"{path}: no such file or directory")
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path if (path / NEWEST).is_file() else None
+    if root is None:
+        if tag is not None and tag != path.name:
+            raise ExportError(f"--tag {tag}: {path} is a single checkpoint; give the run directory to choose a tag")
+        return path
+    if tag is None and not (root / NEWEST).is_file():
+        raise ExportError(f"{root}: no complete checkpoint yet (no `{NEWEST}` file)")
+    wanted = f"--tag {tag}" if tag is not None else f"{root / NEWEST}"
+    if tag is None:
+        tag = (root / NEWEST).read_text().strip()
+    elif tag.isdigit():
+        tag = tag_for(int(tag))
+    candidate = root / tag
+    if not candidate.is_dir():
+        known = [p.name for p in complete_checkpoints(root)]
+        known += [f"universal/{p.name}" for p in complete_checkpoints(root / "universal")]
+        raise ExportError(
+            f"{wanted}: no checkpoint {candidate}; "
+            f"complete checkpoints (choose with --tag): {', '.join(known) or 'none'}"
+        )
+    return candidate
+
+
+def check_checkpoint(path: Path) -> dict[str, Any]:
+    """Refuse an incomplete or damaged checkpoint (``bigtx.checkpoint.verify``); returns its meta."""
+    if not (path / COMPLETE).is_file():
+        if not (path / META).is_file() and not any(path.glob("*model_states.pt")):
+            raise ExportError(
+                f"{path}: not a bigtx run directory, checkpoint, `bigtx export safetensors` directory "
+                "or Hugging Face directory"
+            )
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint (no {COMPLETE}); it was interrupted while saving. "
+            "Export another one (--tag)"
+        )
+    problems = verify(path)
+    if problems:
+        raise CheckpointError(f"{path} is damaged:\n  " + "\n  ".join(problems))
+    if not (path / META).is_file():
+        raise CheckpointError(f"{path}: no {META}; not a bigtx checkpoint")
+    return json.loads((path / META).read_text())
+
+
+def spec_of(meta: dict[str, Any], where: Path) -> RunSpec:
+    try:
+        return validate_spec(meta["spec"], str(where / META))
+    except (KeyError, SpecError) as exc:
+        raise CheckpointError(f"{where / META}: the saved run spec is unreadable ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Readers, one per checkpoint layout. Each returns (shapes found, read function).
+
+Reader = tuple[dict[str, tuple[int, ...]], Callable[[str], Tensor]]
+
+
+@contextlib.contextmanager
+def _deepspeed_quiet() -> Iterator[None]:
+    """DeepSpeed's zero_to_fp32 prints progress on stdout; send it to stderr with its progress bars."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _load(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: zip, pickle or mmap errors
+        raise CheckpointError(f"{file}: cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _zero12_reader(path: Path) -> Reader:
+    from deepspeed.utils import zero_to_fp32 as z
+
+    with _deepspeed_quiet():
+        states = z.parse_model_states(z.get_model_state_files(str(path)))
+        stage, world, partitions, paddings = z.parse_optim_states(z.get_optim_files(str(path)), str(path))
+    if int(stage) > 2:
+        raise CheckpointError(f"{path}: expected a ZeRO-1/2 checkpoint, DeepSpeed says stage {int(stage)}")
+    where: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+    for group, group_shapes in enumerate(states[0].param_shapes):
+        offset = 0
+        for i, (name, shape) in enumerate(group_shapes.items()):
+            where[name] = (group, offset, tuple(shape))
+            offset += math.prod(shape) + (paddings[group][i] if paddings is not None else 0)
+        available = sum(rank_parts[group].numel() for rank_parts in partitions)
+        if offset > available:
+            raise CheckpointError(f"{path}: group {group} needs {offset} values, the partitions hold {available}")
+
+    def read(name: str) -> Tensor:
+        group, offset, shape = where[name]
+        end, start_of_rank, pieces = offset + math.prod(shape), 0, []
+        # the group's flat vector is the ranks' partitions end to end; take the part of each this
+        # parameter overlaps (the whole vector is never built)
+        for rank_parts in partitions:
+            part = rank_parts[group]
+            lo, hi = max(offset, start_of_rank), min(end, start_of_rank + part.numel())
+            if lo < hi:
+                pieces.append(part[lo - start_of_rank : hi - start_of_rank])
+            start_of_rank += part.numel()
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(shape)
+
+    return {name: shape for name, (_, _, shape) in where.items()}, read
+
+
+def _zero3_reader(path: Path) -> Reader:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with _deepspeed_quiet():
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name, lazy_mode=True)
+    return {k: tuple(v.shape) for k, v in lazy.items()}, lambda name: lazy[name].contiguous()
+
+
+def _stage0_reader(path: Path, spec: RunSpec) -> Reader:
+    state = _load(path / "mp_rank_00_model_states.pt")
+    module: dict[str, Tensor] = state["module"]
+    flats = (state.get("optimizer") or {}).get("fp32_groups_flat")
+    shapes = {k: tuple(v.shape) for k, v in module.items()}
+    if flats is None:
+        wrong = sorted({str(v.dtype) for v in module.values()} - {"torch.float32"})
+        if wrong:
+            raise CheckpointError(f"{path}: stage-0 checkpoint with {wrong} weights and no fp32 master weights")
+        return shapes, lambda name: module[name]
+
+    # FP16_Optimizer flattened each parameter group in order; the groups are bigtx's (see module doc).
+    from bigtx.optim import param_groups
+
+    with torch.device("meta"):
+        model = Transformer(spec.model.model_copy(update={"compile": False}))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in param_groups(model, spec.optim)]
+    where: dict[str, tuple[int, int]] = {}
+    for group, (group_names, flat) in enumerate(zip(groups, flats, strict=True)):
+        offset = 0
+        for name in group_names:
+            where[name] = (group, offset)
+            offset += math.prod(shapes[name])
+        if offset != flat.numel():
+            raise CheckpointError(
+                f"{path}: fp32 master group {group} holds {flat.numel()} values, its parameters {offset}"
+            )
+
+    def read(name: str) -> Tensor:
+        group, offset = where[name]
+        shape, low = shapes[name], module[name]
+        master = flats[group][offset : offset + math.prod(shape)].view(shape)
+        if not torch.equal(master.to(low.dtype), low):
+            raise CheckpointError(f"{path}: fp32 master weight of {name} does not round to its {low.dtype} weight")
+        return master
+
+    return shapes, read
+
+
+def _universal_reader(path: Path, cfg: ModelSection) -> Reader:
+    zero = path / "zero"
+    if not zero.is_dir():
+        raise CheckpointError(f"{path}: universal checkpoint without its zero/ directory")
+    # converted from ZeRO-1/2, fp32.pt is {"param": tensor, ...}; from ZeRO-3 it is the flat tensor
+    expected = expected_shapes(cfg)
+    names = sorted(p.name for p in zero.iterdir() if (p / "fp32.pt").is_file())
+
+    def read(name: str) -> Tensor:
+        saved = _load(zero / name / "fp32.pt")
+        param = saved["param"] if isinstance(saved, dict) else saved
+        if param.numel() != math.prod(expected[name]):
+            raise CheckpointError(f"{zero / name}: {param.numel()} values, the model's {name} has {expected[name]}")
+        return param.view(expected[name])
+
+    return {name: expected.get(name, ()) for name in names}, read
+
+
+def _checkpoint_source(path: Path) -> WeightSource:
+    meta = check_checkpoint(path)
+    spec = spec_of(meta, path)
+    stage = meta.get("zero_stage", spec.zero.stage)
+    if (path / "zero").is_dir():
+        kind, (found, read) = "universal checkpoint", _universal_reader(path, spec.model)
+    elif stage == 3:
+        kind, (found, read) = "ZeRO-3 checkpoint", _zero3_reader(path)
+    elif stage in (1, 2):
+        kind, (found, read) = f"ZeRO-{stage} checkpoint", _zero12_reader(path)
+    else:
+        kind, (found, read) = f"stage-0 {spec.precision} checkpoint", _stage0_reader(path, spec)
+    shapes = ordered_like_model(spec.model, found, path)
+    return WeightSource(path=path, spec=spec, kind=kind, shapes=shapes, read=read, meta=meta)
+
+
+def _weights_dir_source(path: Path) -> WeightSource:
+    spec = load_spec(str(path / SPEC_FILE))
+    files = tensor_files(path)
+    found = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="pt") as f:
+            found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    shapes = ordered_like_model(spec.model, found, path)
+
+    def read(name: str) -> Tensor:
+        with safe_open(files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    return WeightSource(path=path, spec=spec, kind="bigtx weights directory", shapes=shapes, read=read)
+
+
+def find_tokenizer_file(tokenizer: str, near: Path) -> Path | None:
+    """The tokenizer.json meant by ``data.tokenizer`` (not ``byte``) for weights at ``near``.
+
+    Looked for in order: a tokenizer.json beside the weights (exports carry a copy), the path as
+    given (relative to the working directory, as the trainer reads it), and relative to the run
+    directory above a checkpoint. None when none exists.
+    """
+    candidates = [near / "tokenizer.json", Path(tokenizer)]
+    candidates += [parent / tokenizer for parent in near.parents[:4]] if not Path(tokenizer).is_absolute() else []
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def is_weights_dir(path: Path) -> bool:
+    return (path / SPEC_FILE).is_file() and ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file())
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / SPEC_FILE).is_file()
+
+
+def open_source(path: str | Path, tag: str | None = None) -> WeightSource:
+    """The weights at ``path``: a run directory (newest checkpoint, or ``tag``), a checkpoint
+    directory (any ZeRO stage, or universal), a `bigtx export safetensors`/`bigtx import hf`
+    directory, or a Hugging Face Llama/GPT-2 directory.
+
+    Raises ``ExportError`` for a wrong path or tag, ``CheckpointError`` for an incomplete or
+    damaged checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / "checkpoints").is_dir() and (is_weights_dir(path) or is_hf_dir(path)):
+        if tag is not None:
+            raise ExportError(f"--tag {tag}: {path} is a weights directory, not a run directory")
+        if is_weights_dir(path):
+            return _weights_dir_source(path)
+        from bigtx.export.importer import hf_source
+
+        return hf_source(path)
+    return _checkpoint_source(resolve_checkpoint(path, tag))
