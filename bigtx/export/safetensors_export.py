@@ -10,6 +10,7 @@ leaves a directory that looks complete.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +29,8 @@ from torch import Tensor
 from bigtx.config import spec_to_dict
 from bigtx.export.consolidate import ExportError, WeightSource, find_tokenizer_file
 from bigtx.model.weights import INDEX_FILE, SINGLE_FILE, SPEC_FILE
+
+log = logging.getLogger("bigtx")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -155,6 +158,7 @@ def copy_tokenizer(source: WeightSource, out: Path, final_out: Path) -> str | No
         return "byte"
     found = find_tokenizer_file(source.spec.data.tokenizer, source.path)
     if found is None:
+        log.warning("data.tokenizer %s not found; the export has no tokenizer.json", source.spec.data.tokenizer)
         return None
     shutil.copy2(found, out / "tokenizer.json")
     return str((final_out / "tokenizer.json").resolve())

@@ -391,3 +391,17 @@ def test_export_peak_memory_is_one_copy_in_the_output_precision(shard: str, tmp_
     # one shard (the whole model when it fits in one) + the fp32 tensor being converted + slack
     budget = min(m["model_bf16"], 2 * 100e6 if shard == "100MB" else m["model_bf16"]) + m["largest_fp32"] + 64e6
     assert m["added"] <= budget, m
+
+
+def test_generate_samples_reproducibly_and_refuses_too_long_prompts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    export_safetensors(memory_source(ModelSection(preset="tiny"), tmp_path), tmp_path / "weights")
+    argv = ["generate", str(tmp_path / "weights"), "--prompt", "abc", "--max-new-tokens", "16", "--seed", "3"]
+    argv += ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9"]
+    first, second = run_cli(argv, capsys), run_cli(argv, capsys)
+    assert first[0] == 0 and first[1] == second[1] and first[1].startswith("abc")
+    code, _, err = run_cli(
+        ["generate", str(tmp_path / "weights"), "--prompt", "x" * 250, "--max-new-tokens", "9"], capsys
+    )
+    assert code == 2 and "exceeds model.max_seq_len=256" in err

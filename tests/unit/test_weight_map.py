@@ -208,3 +208,12 @@ def test_byte_tokenizer_equals_bigtx_byte_tokenizer(tmp_path: Path) -> None:
         assert auto(text, add_special_tokens=False)["input_ids"] == expected == tok.encode(text).ids
         assert auto.decode(expected) == text
     assert (auto.eos_token_id, auto.pad_token_id) == (256, 257)
+
+
+def test_fp16_export_refuses_values_beyond_its_range() -> None:
+    from bigtx.export.safetensors_export import _convert
+
+    job = TensorJob("w", (2,), lambda: torch.tensor([1.0, 1e6]))
+    assert _convert(job, torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ExportError, match="beyond fp16's range"):
+        _convert(job, torch.float16)
