@@ -188,10 +188,10 @@ def resume(engine: Any, path: Path, spec: RunSpec, env: DistEnv, train_loader: A
     else:
         universal = path.parent / "universal" / path.name
         engine.load_checkpoint(str(universal.parent), tag=universal.name, load_lr_scheduler_states=False)
-        # The old ranks' data positions cannot be split exactly across a new number of readers; the
-        # loader refuses, or with data.allow_reshuffle restarts the epoch in the new layout's order.
-        old = torch.load(checkpoint.rank_file(path, 0), weights_only=False)
-        train_loader.load_state_dict(old["loader"])
+        old_states = [
+            torch.load(checkpoint.rank_file(path, r), weights_only=False)["loader"] for r in range(meta["world_size"])
+        ]
+        train_loader.load_resharded_state(old_states)
         seed_everything(spec.run.seed + meta["step"], env.rank)
     log.info("resumed from %s at step %d (%d tokens seen)", path, meta["step"], meta["tokens"])
     return Progress(step=meta["step"], tokens=meta["tokens"])

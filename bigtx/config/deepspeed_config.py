@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bigtx.config.spec import RunSpec
 
 # Large enough that DeepSpeed never prints its own per-step lines; bigtx logs the metrics.
@@ -73,6 +75,9 @@ def _derived(spec: RunSpec, world_size: int) -> dict[str, Any]:
                 "betas": [spec.optim.beta1, spec.optim.beta2],
                 "eps": spec.optim.eps,
                 "weight_decay": spec.optim.weight_decay,
+                # torch's AdamW: DeepSpeed's fused CPU Adam rounds differently once a checkpoint is
+                # reloaded (its SIMD path depends on the buffer's alignment), which breaks exact resume
+                "torch_adam": not torch.cuda.is_available(),
             },
         },
         "steps_per_print": _QUIET_STEPS,

@@ -38,8 +38,10 @@ describes exactly the batches the caller has received, however far the workers h
 bit-identical to an uninterrupted one. The state is plain Python (ints, lists, bytes): it survives
 ``torch.save`` / ``torch.load(weights_only=True)``.
 
-*Changing the layout.* Restoring with another world size or ``data.num_workers`` (or other data or
-seed) cannot continue exactly, because shards are assigned by slot. It is refused with a message
+*Changing the layout.* Shards are assigned by slot, so a new layout with the same number of slots
+(2 ranks x 1 reader <-> 1 rank x 2 workers) continues exactly: ``load_resharded_state`` hands each
+new reader the old reader of its slot. Any other change of world size or ``data.num_workers`` (or of
+data or seed) cannot continue exactly. It is refused with a message
 naming both layouts unless ``data.allow_reshuffle`` is true; then every reader restarts the earliest
 epoch the saved readers were in, in the new layout's order: the part of that epoch already read is
 seen again, nothing is skipped. (Changing ``seq_len`` or the micro-batch size continues exactly.)
@@ -296,6 +298,36 @@ class TokenLoader:
         ]
         self._next_reader = 0
         self._batches = int(state["batches"])
+
+    def load_resharded_state(self, states: list[dict]) -> None:
+        """Continue from the states of *every* rank of a run with another world size (in rank order).
+
+        Shards are assigned by slot, so when the old and new layouts have the same number of slots
+        (world size x readers: 2 ranks x 1 reader -> 1 rank x 2 workers, and back) and every old reader
+        has delivered the same number of micro-batches, each new reader takes over the old reader of
+        its slot and the data continues exactly. Otherwise this is ``load_state_dict(states[0])``:
+        refused, or with ``data.allow_reshuffle`` the epoch restarts in the new order.
+        """
+        self.close()
+        cfg = self.cfg
+        old_readers = [max(1, s["num_workers"]) for s in states]
+        per_reader = {s["batches"] // r for s, r in zip(states, old_readers)}
+        exact = (
+            all(isinstance(s, dict) and s.get("version") == STATE_VERSION for s in states)
+            and all(s["split"] == cfg.split and s["fingerprint"] == cfg.fingerprint() for s in states)
+            and len(states) * old_readers[0] == cfg.n_slots
+            and all(s["next_reader"] == 0 and s["batches"] % r == 0 for s, r in zip(states, old_readers))
+            and len(per_reader) == 1
+        )
+        if not exact:
+            self.load_state_dict(states[0])
+            return
+        slots = [reader for s in states for reader in s["readers"]]
+        first = cfg.rank * cfg.readers
+        self._states = [_import_reader(slots[first + w]) for w in range(cfg.readers)]
+        self._next_reader = 0
+        self._batches = per_reader.pop() * cfg.readers
+        log.info("data: continuing exactly in the new layout (%d slot(s) mapped one to one)", cfg.n_slots)
 
     def shards_for(self, epoch: int, reader: int) -> list[list[str]]:
         """Per source, the shard URLs reader ``reader`` of this rank reads in ``epoch`` (train), in order."""

@@ -371,3 +371,44 @@ def test_state_is_small_and_plain(corpus):
     torch.save(state, buf)
     assert buf.tell() < 64 * 1024
     assert roundtrip(state)["readers"][1]["stream"] == state["readers"][1]["stream"]
+
+
+@pytest.mark.parametrize(("old", "new"), [((2, 0), (1, 2)), ((1, 2), (2, 0))])
+def test_new_world_size_with_the_same_slots_continues_exactly(corpus, old, new):
+    """2 ranks x 1 reader -> 1 rank x 2 workers (and back): every slot continues where it stopped."""
+    train, _, _ = corpus
+    (old_ws, old_nw), (new_ws, new_nw) = old, new
+    olds = [make_loader(train, rank=r, ws=old_ws, nw=old_nw) for r in range(old_ws)]
+    per_rank = 6 // old_ws  # 6 micro-batches per rank-set: every reader delivers 3
+    for loader in olds:
+        take(loader, per_rank)
+    states = [roundtrip(loader.state_dict()) for loader in olds]
+    # what each slot delivers next if nothing had changed
+    expected_by_slot = []
+    for loader in olds:
+        following = take(loader, 2 * loader.cfg.readers)
+        readers = loader.cfg.readers
+        expected_by_slot += [following[w::readers] for w in range(readers)]
+    news = [make_loader(train, rank=r, ws=new_ws, nw=new_nw) for r in range(new_ws)]
+    got_by_slot = []
+    for loader in news:
+        loader.load_resharded_state(states)
+        following = take(loader, 2 * loader.cfg.readers)
+        got_by_slot += [following[w :: loader.cfg.readers] for w in range(loader.cfg.readers)]
+    assert len(got_by_slot) == len(expected_by_slot) == 2
+    for got, want in zip(got_by_slot, expected_by_slot):
+        assert len(got) == 2
+        assert_same(got, want)
+
+
+def test_new_world_size_with_other_slots_falls_back_to_reshuffle(corpus):
+    train, _, _ = corpus
+    olds = [make_loader(train, rank=r, ws=2) for r in range(2)]
+    for loader in olds:
+        take(loader, 3)
+    states = [loader.state_dict() for loader in olds]
+    with pytest.raises(DataError, match="data.allow_reshuffle"):
+        make_loader(train, ws=1).load_resharded_state(states)
+    relaxed = make_loader(train, ws=1, allow_reshuffle=True)
+    relaxed.load_resharded_state(states)
+    assert len(take(relaxed, 2)) == 2
