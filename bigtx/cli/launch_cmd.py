@@ -1,12 +1,165 @@
-"""`bigtx launch` (not implemented yet)."""
+"""`bigtx launch slurm|local`: start `bigtx train` on a SLURM cluster or on this machine."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from bigtx.cli.common import fail
+from bigtx.cli.common import UserError, add_spec_args, spec_from_args
+from bigtx.config import RunSpec
+from bigtx.config.deepspeed_config import derive_deepspeed_config
+from bigtx.launch import local, slurm
+
+
+def _checked_spec(args: argparse.Namespace, world_size: int) -> RunSpec:
+    """Load and validate the spec, including its batch sizes at this world size (errors exit 2)."""
+    spec = spec_from_args(args)
+    try:
+        derive_deepspeed_config(spec, world_size)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return spec
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    try:
+        opts = slurm.SlurmOptions(
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            gres=not args.no_gres,
+            partition=args.partition,
+            time=args.time,
+            account=args.account,
+            cpus_per_task=args.cpus_per_task,
+            mode=args.mode,
+            grace=args.grace,
+            exit_wait=args.exit_wait,
+            env=slurm.env_pairs(args.env),
+            sbatch_options=args.sbatch_option,
+            python=args.python,
+            job_name=args.job_name,
+        )
+        opts.check()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    spec = _checked_spec(args, opts.world_size)
+    try:
+        files = slurm.write_launch(spec, opts, template=args.template)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(f"spec:   {files.spec}")
+    print(f"script: {files.script}")
+    print(f"logs:   {files.run_dir / 'logs'}")
+    if not args.submit:
+        print(f"submit: sbatch {files.script}")
+        return 0
+    try:
+        job_id = slurm.submit(files.script)
+    except RuntimeError as exc:
+        print(f"bigtx: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"submitted job {job_id}")
+    print(f"follow: tail -f {files.run_dir / 'logs' / f'slurm-{job_id}.out'}")
+    return 0
+
+
+def _local(args: argparse.Namespace) -> int:
+    _checked_spec(args, args.nproc)
+    try:
+        cmd = local.local_command(
+            args.spec,
+            args.overrides,
+            args.nproc,
+            python=args.python,
+            master_port=args.master_port,
+            bind_cores=args.bind_cores,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.dry_run:
+        print(" ".join(cmd))
+        return 0
+    return local.run(cmd)
+
+
+def _add_slurm(lsub: argparse._SubParsersAction) -> None:
+    helptext = "render a SLURM batch script for the run into RUN_DIR/launch/ (and --submit it)"
+    p = lsub.add_parser("slurm", help=helptext, description=helptext)
+    add_spec_args(p)
+    p.add_argument("--nodes", type=int, default=1, help="nodes to allocate (default 1)")
+    p.add_argument(
+        "--gpus-per-node", type=int, default=1, metavar="G", help="GPUs per node = ranks per node (default 1)"
+    )
+    p.add_argument(
+        "--no-gres", action="store_true", help="do not request --gres=gpu:G (CPU clusters; G still sets ranks per node)"
+    )
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--time", metavar="HH:MM:SS", help="time limit (SLURM format, e.g. 24:00:00 or 2-00:00:00)")
+    p.add_argument("--account", help="SLURM account to charge")
+    p.add_argument("--cpus-per-task", type=int, metavar="C", help="CPUs per rank")
+    p.add_argument(
+        "--mode",
+        choices=slurm.MODES,
+        default="srun",
+        help="srun: one `bigtx train` per SLURM task (default); deepspeed: DeepSpeed's launcher with a hostfile",
+    )
+    p.add_argument(
+        "--grace",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="SIGUSR1 this long before the time limit: checkpoint and requeue (default 300)",
+    )
+    p.add_argument(
+        "--exit-wait",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="after one rank exits, end the others after this long (srun --wait; 0: never; default 300)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="export this for every rank, e.g. --env GLOO_SOCKET_IFNAME=eth0 (repeatable)",
+    )
+    p.add_argument(
+        "--sbatch-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="extra #SBATCH line, e.g. --sbatch-option=--qos=high (repeatable)",
+    )
+    p.add_argument("--job-name", help="SLURM job name (default bigtx-<run.name>)")
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help=f"interpreter with bigtx installed on the nodes (default {sys.executable})",
+    )
+    p.add_argument(
+        "--template", type=Path, default=None, help=f"batch script template (default {slurm.default_template()})"
+    )
+    p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
+    p.set_defaults(func=_slurm)
+
+
+def _add_local(lsub: argparse._SubParsersAction) -> None:
+    helptext = "train on this machine with N ranks through DeepSpeed's launcher; exits with the ranks' code"
+    p = lsub.add_parser("local", help=helptext, description=helptext)
+    add_spec_args(p)
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="ranks to start: one per GPU, or CPU processes")
+    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port on this machine (default 29500)")
+    p.add_argument("--bind-cores", action="store_true", help="pin each rank to its share of the CPU cores (numactl)")
+    p.add_argument("--python", default=sys.executable, help=f"interpreter to run (default {sys.executable})")
+    p.add_argument("--dry-run", action="store_true", help="print the launcher command instead of running it")
+    p.set_defaults(func=_local)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("launch", help="(not implemented yet)")
-    p.set_defaults(func=lambda args: fail("bigtx launch is not implemented yet"))
+    launch = sub.add_parser("launch", help="start training on a SLURM cluster or on this machine")
+    lsub = launch.add_subparsers(dest="launch_command", metavar="SUBCOMMAND")
+    lsub.required = True
+    _add_slurm(lsub)
+    _add_local(lsub)
