@@ -176,18 +176,26 @@ def save_checkpoint(engine: Any, spec: RunSpec, env: DistEnv, progress: Progress
     return path
 
 
+def needs_universal(meta: dict[str, Any], spec: RunSpec, env: DistEnv) -> bool:
+    """Whether the checkpoint's ZeRO partitions must be re-sharded to load here.
+
+    ZeRO-0 keeps the whole optimizer state on every rank, so it loads at any world size as it is.
+    """
+    same_stage = meta["zero_stage"] == spec.zero.stage
+    return not (same_stage and (meta["world_size"] == env.world_size or spec.zero.stage == 0))
+
+
 def resume(engine: Any, path: Path, spec: RunSpec, env: DistEnv, train_loader: Any) -> Progress:
     """Load engine, data position and RNG state of ``path``; re-shard through the universal format
     when the world size or ZeRO stage changed."""
     meta = checkpoint.read_meta(path)
-    if meta["world_size"] == env.world_size and meta["zero_stage"] == spec.zero.stage:
-        engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+    source = path.parent / "universal" / path.name if needs_universal(meta, spec, env) else path
+    engine.load_checkpoint(str(source.parent), tag=source.name, load_lr_scheduler_states=False)
+    if meta["world_size"] == env.world_size:
         state = torch.load(checkpoint.rank_file(path, env.rank), weights_only=False)
         train_loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
     else:
-        universal = path.parent / "universal" / path.name
-        engine.load_checkpoint(str(universal.parent), tag=universal.name, load_lr_scheduler_states=False)
         old_states = [
             torch.load(checkpoint.rank_file(path, r), weights_only=False)["loader"] for r in range(meta["world_size"])
         ]
@@ -208,16 +216,25 @@ def check_resume_spec(path: Path, spec: RunSpec, env: DistEnv) -> bool:
         )
     for line in warnings:
         log.warning("spec changed since the checkpoint: %s", line)
-    reshard = meta["world_size"] != env.world_size or meta["zero_stage"] != spec.zero.stage
-    if reshard:
+    if meta["world_size"] != env.world_size:
         log.warning(
-            "checkpoint %s was written by %d rank(s) at ZeRO-%d; this run has %d at ZeRO-%d: "
-            "re-sharding through DeepSpeed's universal checkpoint format",
-            path,
-            meta["world_size"],
+            "checkpoint %s was written by %d rank(s); this run has %d", path, meta["world_size"], env.world_size
+        )
+    reshard = needs_universal(meta, spec, env)
+    if reshard:
+        if meta["zero_stage"] == 0:
+            raise SpecError(
+                [
+                    f"zero.stage: {path} was written at ZeRO-0, which cannot be re-sharded to ZeRO-"
+                    f"{spec.zero.stage}; resume at zero.stage=0"
+                ]
+            )
+        log.warning(
+            "re-sharding through DeepSpeed's universal checkpoint format (ZeRO-%d x %d ranks -> ZeRO-%d x %d)",
             meta["zero_stage"],
-            env.world_size,
+            meta["world_size"],
             spec.zero.stage,
+            env.world_size,
         )
     return reshard
 

@@ -163,7 +163,7 @@ def demo(args: argparse.Namespace) -> int:
 
     say("5/6 Export to Hugging Face format, verified, and a sample")
     hf = work / "hf"
-    run([*BIGTX, "export", "hf", str(run_dir), "--out", str(hf), "--verify"])
+    run([*BIGTX, "export", "hf", str(run_dir), "--out", str(hf), "--overwrite", "--verify"])
     run(
         [
             *BIGTX,
