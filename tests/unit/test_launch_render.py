@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -329,3 +330,34 @@ def test_sigterm_does_not_requeue(tmp_path: Path, stubs: Path) -> None:
     assert proc.returncode == EXIT_REQUEUE, out
     assert not [c for c in calls.read_text().splitlines() if c.startswith(("scontrol", "scancel"))]
     assert "not requeueing" in out
+
+
+# A stand-in for DeepSpeed's runner -> launch -> ranks tree: each rank exits 75 on SIGUSR1.
+FAKE_LAUNCHER = """\
+import os, signal, subprocess, sys, time
+level = int(sys.argv[1])
+if level < 2:  # runner (0) and launch (1) start the next level; launch starts two ranks
+    kids = [subprocess.Popen([sys.executable, __file__, str(level + 1), sys.argv[2]]) for _ in range(1 + level)]
+    sys.exit(max(k.wait() for k in kids))
+signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))
+open(f"{sys.argv[2]}.{os.getpid()}", "w").close()  # ready
+time.sleep(30)
+sys.exit(1)
+"""
+
+
+def test_local_run_passes_usr1_to_the_ranks(tmp_path: Path) -> None:
+    script = tmp_path / "fake_launcher.py"
+    script.write_text(FAKE_LAUNCHER)
+    ready = tmp_path / "rank"
+
+    def send_when_ready() -> None:
+        deadline = time.monotonic() + 20
+        while len(list(tmp_path.glob("rank.*"))) < 2:
+            if time.monotonic() > deadline:
+                return  # the ranks never got ready: they exit 1 after 30 s
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGUSR1)  # as `kill -USR1 <bigtx launch local>` would
+
+    threading.Thread(target=send_when_ready, daemon=True).start()
+    assert local.run([sys.executable, str(script), "0", str(ready)]) == EXIT_REQUEUE
