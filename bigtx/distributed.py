@@ -103,6 +103,11 @@ def init(env: DistEnv) -> None:
         MASTER_ADDR=env.master_addr,
         MASTER_PORT=str(env.master_port),
     )
+    # DeepSpeed builds its own groups with new_group(), which take torch's default timeout (30 min),
+    # not the one passed here: a frozen peer would hang the job for half an hour.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)

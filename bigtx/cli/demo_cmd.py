@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import signal
 import subprocess
@@ -92,17 +91,19 @@ def train_with_interruption(overrides: list[str], run_dir: Path, nproc: int, sto
     if not (run_dir / "checkpoints").exists():
         shown = " ".join(shlex.quote(c) for c in ["bigtx", *launch[3:]])
         print(f"$ {shown}   # will be stopped with SIGTERM after step {stop_at}", flush=True)
-        proc = subprocess.Popen(launch, start_new_session=True)
+        proc = subprocess.Popen(launch)
         metrics = run_dir / "metrics.jsonl"
         while proc.poll() is None:
             steps = metrics.read_text().count('"loss"') if metrics.exists() else 0
             if steps * 10 >= stop_at:  # log_every is 10
                 print(f"\n-- sending SIGTERM to the training job at step ~{stop_at} --", flush=True)
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)  # `bigtx launch local` passes it to the ranks
                 break
             time.sleep(0.5)
         code = proc.wait()
         print(f"-- training exited with code {code} (75 = checkpointed, please requeue) --", flush=True)
+        if code not in (0, 75):
+            raise UserError(f"training failed (exit {code}); see {run_dir}/train.log")
         say("Resume: the same command continues from the newest complete checkpoint")
     run(launch)
 
@@ -137,9 +138,9 @@ def demo(args: argparse.Namespace) -> int:
                 "--out",
                 str(shards),
                 "--val-fraction",
-                "0.02",
+                "0.05",
                 "--shard-size",
-                "8MB",
+                "1MB",
             ]
         )
 

@@ -53,7 +53,7 @@ def _read_yaml(text: str, source: str) -> dict[str, Any]:
 def read_spec_dict(spec: str) -> tuple[dict[str, Any], str]:
     """The raw mapping of a spec given as a YAML path or a preset name, and where it came from."""
     path = Path(spec)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise SpecError(
                 [f"{spec}: no such file; give a YAML path or one of the presets: {', '.join(preset_names())}"]

@@ -211,11 +211,6 @@ def test_dead_node_fails_the_job_and_a_resubmission_resumes(
     assert_same_losses(run_dir, reference[0].parents[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer: BIGTX_DIST_TIMEOUT_S covers only the world group; DeepSpeed's data-parallel group "
-    "(dist.new_group without a timeout) keeps torch's 30-minute default, so rank 0 hangs in ZeRO's collectives",
-)
 def test_frozen_node_fails_on_the_process_group_timeout(
     slurm_cluster: SlurmCluster, byte_shards: Path, tmp_path: Path
 ) -> None:
@@ -230,8 +225,9 @@ def test_frozen_node_fails_on_the_process_group_timeout(
     try:
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
-        # 15 s timeout + 5 s exit wait + SLURM's KillWait for the frozen slurmstepd, with room to spare
-        slurm_cluster.wait_for(job_id, {"FAILED"}, 60)
+        # 15 s timeout + 5 s exit wait, with room to spare. The job then stays COMPLETING until SLURM
+        # gives up on the frozen slurmstepd of n2; what matters is that the ranks no longer hang.
+        slurm_cluster.wait_for(job_id, {"FAILED", "COMPLETING"}, 60)
         assert "Timed out" in logs(run_dir)
     finally:
         # end what is left of the job at once (rank 0 may still hang in a collective)
