@@ -155,7 +155,9 @@ def evaluate(engine: Any, val_loader: Any, n_batches: int, device: torch.device)
     return summed / count
 
 
-def save_checkpoint(engine: Any, spec: RunSpec, env: DistEnv, progress: Progress, train_loader: Any) -> Path:
+def save_checkpoint(
+    engine: Any, spec: RunSpec, env: DistEnv, progress: Progress, train_loader: Any, group_names: list[list[str]]
+) -> Path:
     ckpt_root = Path(spec.run.dir) / "checkpoints"
     rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(), "rank": env.rank}
     meta = {
@@ -166,6 +168,9 @@ def save_checkpoint(engine: Any, spec: RunSpec, env: DistEnv, progress: Progress
         "spec": spec_to_dict(spec),
         "spec_hash": spec_hash(spec),
         "bigtx_version": bigtx.__version__,
+        # which parameters each optimizer group holds, in order: ZeRO-0 checkpoints store the fp32
+        # master weights as one flat tensor per group, and the exporter needs this to cut them up
+        "param_groups": group_names,
     }
     t0 = time.perf_counter()
     path = checkpoint.save(engine, ckpt_root, progress.step, rank_state, meta)
@@ -295,9 +300,10 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
         log.info("initialised weights from %s", spec.model.init_from)
     checkpoint.mark_universal_capable(model)
 
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, spec.optim), config=ds_config
-    )
+    groups = param_groups(model, spec.optim)
+    names = {id(p): name for name, p in model.named_parameters()}
+    group_names = [[names[id(p)] for p in group["params"]] for group in groups]
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     micro, accum, global_batch = spec.batch_sizes(env.world_size)
     tokens_per_step = global_batch * spec.data.seq_len
     total_steps = spec.total_steps(env.world_size)
@@ -428,7 +434,7 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
         stopping = stop_votes > 0
         every = spec.checkpoint.every_steps
         if stopping or time_votes > 0 or (every and progress.step % every == 0):
-            save_checkpoint(engine, spec, env, progress, train_loader)
+            save_checkpoint(engine, spec, env, progress, train_loader, group_names)
             last_save_time, last_saved_step = time.monotonic(), progress.step
         if stopping:
             log.warning(
@@ -447,7 +453,7 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
         metrics.log({"step": progress.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
         log.info("final validation loss %.4f (perplexity %.2f)", val_loss, math.exp(min(val_loss, 50)))
     if spec.checkpoint.save_at_end and last_saved_step != progress.step:
-        save_checkpoint(engine, spec, env, progress, train_loader)
+        save_checkpoint(engine, spec, env, progress, train_loader, group_names)
     metrics.close()
     if env.is_main:
         (run_dir / "FINISHED").write_text(f"step {progress.step}\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 import yaml
 
@@ -18,9 +19,14 @@ def _world_size(args: argparse.Namespace) -> int:
 
 
 def _checked(args: argparse.Namespace) -> tuple[RunSpec, dict]:
+    """The spec and its DeepSpeed config; also checks the vocabulary when the tokenizer exists."""
+    from bigtx.data.sources import check_tokenizer
+
     spec = spec_from_args(args)
     try:
         ds = derive_deepspeed_config(spec, _world_size(args))
+        if spec.data.tokenizer == "byte" or Path(spec.data.tokenizer).exists():
+            check_tokenizer(spec.data.tokenizer, spec.model.vocab_size)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return spec, ds

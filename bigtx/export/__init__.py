@@ -1,8 +1,7 @@
 """Consolidated weights out of DeepSpeed checkpoints: Hugging Face export, bigtx safetensors, import.
 
-Depends on ``bigtx.model``, ``bigtx.checkpoint`` and ``bigtx.config`` (plus ``bigtx.optim``'s
-parameter groups, to read stage-0 checkpoints); ``transformers`` is imported only by the functions
-that write or load Hugging Face directories.
+Depends on ``bigtx.model``, ``bigtx.checkpoint`` and ``bigtx.config``; ``transformers`` is imported
+only by the functions that write or load Hugging Face directories.
 """
 
 from bigtx.export.consolidate import ExportError, WeightSource, open_source, resolve_checkpoint

@@ -19,7 +19,7 @@ What DeepSpeed writes, and where the fp32 master weights are (DeepSpeed 0.16-0.1
   "DDP_BFLOAT16"), which keeps one unpartitioned flat fp32 vector per parameter group in
   rank 0's ``mp_rank_00_model_states.pt`` (``optimizer.fp32_groups_flat``) with no parameter
   names. The order is that of the parameter groups bigtx handed to DeepSpeed
-  (``bigtx.optim.param_groups``), rebuilt from the saved spec; every master weight is checked
+  (``param_groups`` in ``bigtx_meta.json``, recorded by the trainer); every master weight is checked
   against the bf16/fp16 module weight it must round to.
 - stage 0 with fp32: no wrapper; the module weights in ``mp_rank_00_model_states.pt`` are the
   weights the optimizer updates.
@@ -44,7 +44,16 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from bigtx.checkpoint.store import COMPLETE, META, NEWEST, CheckpointError, complete_checkpoints, tag_for, verify
+from bigtx.checkpoint.store import (
+    COMPLETE,
+    META,
+    NEWEST,
+    CheckpointError,
+    complete_checkpoints,
+    read_meta,
+    tag_for,
+    verify,
+)
 from bigtx.config import RunSpec, SpecError, load_spec, validate_spec
 from bigtx.config.spec import ModelSection
 from bigtx.model import Transformer
@@ -228,7 +237,7 @@ def _zero3_reader(path: Path) -> Reader:
     return {k: tuple(v.shape) for k, v in lazy.items()}, lambda name: lazy[name].contiguous()
 
 
-def _stage0_reader(path: Path, spec: RunSpec) -> Reader:
+def _stage0_reader(path: Path) -> Reader:
     state = _load(path / "mp_rank_00_model_states.pt")
     module: dict[str, Tensor] = state["module"]
     flats = (state.get("optimizer") or {}).get("fp32_groups_flat")
@@ -239,13 +248,11 @@ def _stage0_reader(path: Path, spec: RunSpec) -> Reader:
             raise CheckpointError(f"{path}: stage-0 checkpoint with {wrong} weights and no fp32 master weights")
         return shapes, lambda name: module[name]
 
-    # FP16_Optimizer flattened each parameter group in order; the groups are bigtx's (see module doc).
-    from bigtx.optim import param_groups
-
-    with torch.device("meta"):
-        model = Transformer(spec.model.model_copy(update={"compile": False}))
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in g["params"]] for g in param_groups(model, spec.optim)]
+    # FP16_Optimizer flattened each parameter group in order; the trainer records which parameters
+    # each group holds in bigtx_meta.json.
+    groups = read_meta(path).get("param_groups")
+    if groups is None:
+        raise CheckpointError(f"{path}: {META} does not list the optimizer's parameter groups (older bigtx?)")
     where: dict[str, tuple[int, int]] = {}
     for group, (group_names, flat) in enumerate(zip(groups, flats, strict=True)):
         offset = 0
@@ -297,7 +304,7 @@ def _checkpoint_source(path: Path) -> WeightSource:
     elif stage in (1, 2):
         kind, (found, read) = f"ZeRO-{stage} checkpoint", _zero12_reader(path)
     else:
-        kind, (found, read) = f"stage-0 {spec.precision} checkpoint", _stage0_reader(path, spec)
+        kind, (found, read) = f"stage-0 {spec.precision} checkpoint", _stage0_reader(path)
     shapes = ordered_like_model(spec.model, found, path)
     return WeightSource(path=path, spec=spec, kind=kind, shapes=shapes, read=read, meta=meta)
 

@@ -208,3 +208,36 @@ def test_spec_errors_stop_before_any_process_group(tmp_path: Path, byte_shards: 
         timeout=120,
     )
     assert missing.returncode == 2 and "data.train" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_an_error_on_one_rank_stops_every_rank(tmp_path: Path, byte_shards: Path) -> None:
+    """Rank 1's first shard is corrupt and data.on_error=raise: the job ends promptly with rank 1's
+    message instead of rank 0 waiting in a collective."""
+    import shutil
+    import time
+
+    from bigtx.config import load_spec
+    from bigtx.data import build_loader
+
+    shards = tmp_path / "shards"
+    shutil.copytree(byte_shards, shards)
+    spec = load_spec("tiny", [f"data.train={shards}"])
+    rank1 = build_loader(
+        spec.data,
+        "train",
+        seq_len=64,
+        micro_batch_size=4,
+        rank=1,
+        world_size=2,
+        seed=spec.run.seed,
+        vocab_size=spec.model.vocab_size,
+    )
+    victim = Path(rank1.shards_for(epoch=0, reader=0)[0][0])
+    victim.write_bytes(victim.read_bytes()[:1000])  # truncated
+
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    code = deepspeed_launch("tiny", tiny_overrides(run_dir, shards, "data.on_error=raise"), 2, tmp_path / "ds.log")
+    log = (tmp_path / "ds.log").read_text()
+    assert code != 0 and time.monotonic() - t0 < 120
+    assert "bigtx rank 1: error:" in log and victim.name in log and "truncated" in log

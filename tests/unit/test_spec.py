@@ -208,3 +208,11 @@ def test_cli_show_and_schema() -> None:
     schema = json.loads(run_cli("config", "schema").stdout)
     assert "RunSpec" in schema["title"]
     assert run_cli("--version").stdout.startswith("bigtx ")
+
+
+def test_vocab_size_is_checked_against_an_existing_tokenizer() -> None:
+    small = run_cli("config", "validate", "tiny", "--set", "model.vocab_size=200")  # byte tokenizer: 258
+    assert small.returncode == 2 and "model.vocab_size" in small.stderr and "Traceback" not in small.stderr
+    # a tokenizer that is not built yet is checked when training starts, not here
+    later = run_cli("config", "validate", "tiny", "--set", "data.tokenizer=not/built/yet.json")
+    assert later.returncode == 0, later.stderr
