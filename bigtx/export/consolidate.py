@@ -15,10 +15,12 @@ What DeepSpeed writes, and where the fp32 master weights are (DeepSpeed 0.16-0.1
 - ZeRO-3: ``fp32_flat_groups`` per rank, each parameter split evenly over the ranks; DeepSpeed's
   lazy mode (``get_fp32_state_dict_from_zero_checkpoint(..., lazy_mode=True)``) gathers one
   parameter at a time already.
-- stage 0 with bf16/fp16: DeepSpeed wraps the optimizer in ``FP16_Optimizer`` (also for bf16,
-  "DDP_BFLOAT16"), which keeps one unpartitioned flat fp32 vector per parameter group in
-  rank 0's ``mp_rank_00_model_states.pt`` (``optimizer.fp32_groups_flat``) with no parameter
-  names. The order is that of the parameter groups bigtx handed to DeepSpeed
+- stage 0 with bf16/fp16: DeepSpeed wraps the optimizer in ``FP16_Optimizer`` or, for torch's
+  AdamW (what bigtx uses on CPUs), ``FP16_UnfusedOptimizer`` (also for bf16, "DDP_BFLOAT16"); they
+  keep the unpartitioned fp32 masters in rank 0's ``mp_rank_00_model_states.pt``, one flat vector
+  per parameter group (``optimizer.fp32_groups_flat``) or one tensor per parameter
+  (``optimizer.fp32_groups``), with no parameter names. The order is that of the parameter groups
+  bigtx handed to DeepSpeed
   (``param_groups`` in ``bigtx_meta.json``, recorded by the trainer); every master weight is checked
   against the bf16/fp16 module weight it must round to.
 - stage 0 with fp32: no wrapper; the module weights in ``mp_rank_00_model_states.pt`` are the
@@ -240,34 +242,43 @@ def _zero3_reader(path: Path) -> Reader:
 def _stage0_reader(path: Path) -> Reader:
     state = _load(path / "mp_rank_00_model_states.pt")
     module: dict[str, Tensor] = state["module"]
-    flats = (state.get("optimizer") or {}).get("fp32_groups_flat")
+    optimizer = state.get("optimizer") or {}
+    flats, per_param = optimizer.get("fp32_groups_flat"), optimizer.get("fp32_groups")
     shapes = {k: tuple(v.shape) for k, v in module.items()}
-    if flats is None:
+    if flats is None and per_param is None:
         wrong = sorted({str(v.dtype) for v in module.values()} - {"torch.float32"})
         if wrong:
             raise CheckpointError(f"{path}: stage-0 checkpoint with {wrong} weights and no fp32 master weights")
         return shapes, lambda name: module[name]
 
-    # FP16_Optimizer flattened each parameter group in order; the trainer records which parameters
-    # each group holds in bigtx_meta.json.
+    # DeepSpeed's FP16 optimizers keep the fp32 masters per parameter group, in group order, either
+    # one flat tensor per group (fused optimizer) or one tensor per parameter (torch's AdamW); the
+    # trainer records which parameters each group holds in bigtx_meta.json.
     groups = read_meta(path).get("param_groups")
     if groups is None:
         raise CheckpointError(f"{path}: {META} does not list the optimizer's parameter groups (older bigtx?)")
-    where: dict[str, tuple[int, int]] = {}
-    for group, (group_names, flat) in enumerate(zip(groups, flats, strict=True)):
-        offset = 0
+    masters: dict[str, Tensor] = {}
+    for group, group_names in enumerate(groups):
+        if per_param is not None:
+            if len(per_param[group]) != len(group_names):
+                raise CheckpointError(
+                    f"{path}: fp32 master group {group} has {len(per_param[group])} tensors, "
+                    f"{META} lists {len(group_names)} parameters"
+                )
+            masters.update(zip(group_names, per_param[group]))
+            continue
+        offset, flat = 0, flats[group]
         for name in group_names:
-            where[name] = (group, offset)
-            offset += math.prod(shapes[name])
+            size = math.prod(shapes[name])
+            masters[name] = flat[offset : offset + size].view(shapes[name])
+            offset += size
         if offset != flat.numel():
             raise CheckpointError(
                 f"{path}: fp32 master group {group} holds {flat.numel()} values, its parameters {offset}"
             )
 
     def read(name: str) -> Tensor:
-        group, offset = where[name]
-        shape, low = shapes[name], module[name]
-        master = flats[group][offset : offset + math.prod(shape)].view(shape)
+        master, low = masters[name].view(shapes[name]), module[name]
         if not torch.equal(master.to(low.dtype), low):
             raise CheckpointError(f"{path}: fp32 master weight of {name} does not round to its {low.dtype} weight")
         return master
