@@ -2,10 +2,15 @@
 
     python tools/bench_train.py [--steps 40] [--stages 0 2 3] [--out bench_results/bench_train.json]
 
-Both sides run on 2 local gloo ranks, one after the other, alternating, twice. The bigtx figure
-is the median `step_time_s` from `metrics.jsonl` (data loading, metrics and DeepSpeed included);
-the DDP figure is the median step of a hand-written loop over in-memory batches (no data loader).
-The ratio bigtx/DDP is the overhead.
+Every side runs on 2 local gloo ranks, one after the other, alternating, `--repeats` times:
+
+* DDP: a hand-written DistributedDataParallel + torch AdamW loop over in-memory batches;
+* DeepSpeed: the same loop on a bare DeepSpeed engine with the config bigtx derives (no bigtx
+  loader, metrics or checkpoint logic), to show where the time goes;
+* bigtx: `bigtx train`, median `step_time_s` from `metrics.jsonl` (its loader, metrics and the
+  per-step loss/stop all-reduce included).
+
+bigtx/DDP is the overhead the issue asks about; bigtx/DeepSpeed is what bigtx itself adds.
 """
 
 from __future__ import annotations
@@ -74,6 +79,52 @@ def ddp_worker(steps: int, precision: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def deepspeed_worker(steps: int, precision: str, stage: int, out: Path) -> None:
+    """One rank of a bare DeepSpeed loop with bigtx's derived config, random tokens."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from bigtx.config import load_spec
+    from bigtx.config.deepspeed_config import derive_deepspeed_config
+    from bigtx.model import Transformer
+    from bigtx.optim import param_groups
+
+    spec = load_spec("tiny", MODEL + ["model.vocab_size=320", f"precision={precision}", f"zero.stage={stage}"])
+    deepspeed.init_distributed("gloo", verbose=False)
+    deepspeed.utils.logger.setLevel("WARNING")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    model = Transformer(spec.model)
+    model.init_weights(spec.run.seed)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, spec.optim),
+        config=derive_deepspeed_config(spec, dist.get_world_size()),
+    )
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    tokens = torch.randint(0, 256, (steps, 4, 257), generator=gen)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        loss = engine(tokens[i, :, :-1], tokens[i, :, 1:])
+        engine.backward(loss)
+        engine.step()
+        loss_all = loss.detach().float().clone()
+        dist.all_reduce(loss_all)
+        loss_all.item()
+        times.append(time.perf_counter() - t0)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(times))
+
+
+def run_deepspeed(steps: int, precision: str, stage: int, work: Path) -> float:
+    out = work / f"ds{stage}.json"
+    cmd = [sys.executable, __file__, "--ds-worker", str(steps), precision, str(stage), str(out)]
+    procs = spawn_local(cmd, 2, {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert all(p.wait() == 0 for p in procs), "DeepSpeed worker failed"
+    return statistics.median(json.loads(out.read_text())[WARMUP:])
+
+
 def run_ddp(steps: int, precision: str, work: Path) -> float:
     out = work / "ddp.json"
     cmd = [sys.executable, __file__, "--ddp-worker", str(steps), precision, str(out)]
@@ -138,9 +189,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="bench_results/bench_train.json")
     parser.add_argument("--ddp-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--ds-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ddp_worker:
         ddp_worker(int(args.ddp_worker[0]), args.ddp_worker[1], Path(args.ddp_worker[2]))
+        return
+    if args.ds_worker:
+        steps, precision, stage, out = args.ds_worker
+        deepspeed_worker(int(steps), precision, int(stage), Path(out))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
