@@ -174,6 +174,8 @@ def build_shards(work: Path) -> Path:
             str(out),
             "--val-fraction",
             "0.05",
+            "--shard-size",
+            "500KB",
         ],
         check=True,
         capture_output=True,
@@ -197,15 +199,19 @@ def main() -> None:
     if args.ds_worker:
         steps, precision, stage, out = args.ds_worker
         deepspeed_worker(int(steps), precision, int(stage), Path(out))
-        return
+        sys.stdout.flush()
+        os._exit(0)  # as bigtx.train does: DeepSpeed's comm threads can abort interpreter teardown
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shards = build_shards(work)
-        ddp_times, bigtx_times = [], {s: [] for s in args.stages}
-        for _ in range(args.repeats):  # alternate, so drift in machine load hits both sides
+        ddp_times = []
+        ds_times: dict[int, list[float]] = {s: [] for s in args.stages}
+        bigtx_times: dict[int, list[float]] = {s: [] for s in args.stages}
+        for _ in range(args.repeats):  # alternate, so drift in machine load hits every side
             ddp_times.append(run_ddp(args.steps, args.precision, work))
             for stage in args.stages:
+                ds_times[stage].append(run_deepspeed(args.steps, args.precision, stage, work))
                 bigtx_times[stage].append(run_bigtx(args.steps, args.precision, stage, shards, work))
     ddp = statistics.median(ddp_times)
     rows = []
@@ -213,11 +219,25 @@ def main() -> None:
         f"model {' '.join(MODEL)}; 2 ranks gloo CPU; {args.precision}; median step time over steps "
         f"{WARMUP + 1}..{args.steps}, {args.repeats} alternating repeats"
     )
-    print(f"{'config':<14} {'step s':>9} {'DDP step s':>11} {'bigtx/DDP':>10}")
+    print(
+        f"{'config':<9} {'DDP s':>8} {'DeepSpeed s':>12} {'bigtx s':>9} {'bigtx/DDP':>10} {'DS/DDP':>7} {'bigtx/DS':>9}"
+    )
     for stage in args.stages:
-        t = statistics.median(bigtx_times[stage])
-        rows.append({"zero_stage": stage, "bigtx_step_s": t, "ddp_step_s": ddp, "ratio": t / ddp})
-        print(f"{'ZeRO-' + str(stage):<14} {t:>9.4f} {ddp:>11.4f} {t / ddp:>10.3f}")
+        t, d = statistics.median(bigtx_times[stage]), statistics.median(ds_times[stage])
+        rows.append(
+            {
+                "zero_stage": stage,
+                "ddp_step_s": ddp,
+                "deepspeed_step_s": d,
+                "bigtx_step_s": t,
+                "bigtx_over_ddp": t / ddp,
+                "deepspeed_over_ddp": d / ddp,
+                "bigtx_over_deepspeed": t / d,
+            }
+        )
+        print(
+            f"{'ZeRO-' + str(stage):<9} {ddp:>8.4f} {d:>12.4f} {t:>9.4f} {t / ddp:>10.3f} {d / ddp:>7.3f} {t / d:>9.3f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"precision": args.precision, "steps": args.steps, "rows": rows}, indent=2))
