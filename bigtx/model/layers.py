@@ -55,13 +55,14 @@ def rope_tables(
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` [B, T, H, head_dim] in the "rotate_half" layout (pairs are i and i + head_dim/2).
 
-    Equals Hugging Face's ``x * cos + rotate_half(x) * sin`` with the half-size tables; the maths runs
-    in fp32 (the tables' dtype) and the result has ``x``'s dtype.
+    Equals Hugging Face's ``x * cos + rotate_half(x) * sin`` with the half-size tables. Like Hugging
+    Face, the rotation runs in ``x``'s dtype (the fp32 tables are cast to it): under bf16 that avoids
+    an fp32 copy of every query and key.
     """
     x1, x2 = x.chunk(2, dim=-1)
     # [T, hd/2] -> [T, 1, hd/2] to broadcast over heads
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def sinusoidal_table(max_seq_len: int, dim: int) -> Tensor:
