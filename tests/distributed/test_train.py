@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, base_env, deepspeed_launch, metrics, tiny_overrides, train, train_records
+from tests.harness import REPO, base_env, deepspeed_launch, free_port, metrics, tiny_overrides, train, train_records
 
 pytestmark = pytest.mark.slow
 
@@ -163,6 +163,26 @@ def test_deepspeed_launcher_and_single_process(tmp_path: Path, byte_shards: Path
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert [r["step"] for r in metrics(single) if "loss" in r] == [1, 2, 3]
+
+
+def test_torchrun(tmp_path: Path, byte_shards: Path) -> None:
+    run_dir = tmp_path / "torchrun"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "bigtx.train",
+        "tiny",
+        *(f"--set={o}" for o in tiny_overrides(run_dir, byte_shards, "train.max_steps=4", "schedule.warmup_steps=1")),
+    ]
+    res = subprocess.run(cmd, env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(train_records(run_dir)) == [1, 2, 3, 4]
+    assert "2 rank(s)" in (run_dir / "train.log").read_text()
 
 
 def test_spec_errors_stop_before_any_process_group(tmp_path: Path, byte_shards: Path) -> None:
