@@ -275,12 +275,18 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
     hosts: list[Any] = [None] * env.world_size
     dist.all_gather_object(hosts, socket.gethostname())
 
-    if (run_dir / "FINISHED").exists() and spec.checkpoint.resume == "auto":
-        log.info("%s is marked FINISHED; nothing to do", run_dir)
-        return EXIT_FINISHED
-    if env.is_main:
-        prepare_run_dir(run_dir, spec.checkpoint.resume, spec.checkpoint.overwrite, env.is_main)
+    finished = run_dir / "FINISHED"
+    if finished.exists() and spec.checkpoint.resume == "auto":
+        done = int(finished.read_text().split()[1])
+        if done >= spec.total_steps(env.world_size):
+            log.info("%s is marked FINISHED at step %d; nothing to do", run_dir, done)
+            return EXIT_FINISHED
+        log.info("%s finished at step %d; continuing to step %d", run_dir, done, spec.total_steps(env.world_size))
+    # every rank checks (so all refuse alike); only rank 0 deletes
+    prepare_run_dir(run_dir, spec.checkpoint.resume, spec.checkpoint.overwrite, env.is_main)
     dist.barrier()
+    if env.is_main:
+        finished.unlink(missing_ok=True)
     start = find_resume_point(ckpt_root, spec.checkpoint.resume, env.is_main)
     reshard = check_resume_spec(start, spec, env) if start else False
     if reshard:

@@ -155,3 +155,16 @@ def test_resume_with_another_world_size(tmp_path: Path, byte_shards: Path, befor
         assert rb[step]["tokens"] == ra[step]["tokens"]
         assert abs(rb[step]["loss"] - ra[step]["loss"]) <= 0.02 * ra[step]["loss"], (step, rb[step], ra[step])
     assert metrics(run_dir)[-1]["step"] == 30
+
+
+def test_finished_run_does_nothing_unless_extended(tmp_path: Path, byte_shards: Path, references: Path) -> None:
+    ref = reference(references, byte_shards, "zero2")
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref, run_dir)
+    overrides = tiny_overrides(run_dir, byte_shards, "checkpoint.every_steps=10", "zero.stage=2")
+    train("tiny", [*overrides, "train.max_steps=30"], 2, tmp_path / "logs")  # a stray requeue
+    assert "marked FINISHED at step 30; nothing to do" in (run_dir / "train.log").read_text()
+    assert sorted(train_records(run_dir)) == list(range(1, 31))
+    train("tiny", [*overrides, "train.max_steps=35"], 2, tmp_path / "logs")
+    assert sorted(train_records(run_dir)) == list(range(1, 36))
+    assert (run_dir / "FINISHED").read_text().split() == ["step", "35"]
