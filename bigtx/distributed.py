@@ -41,7 +41,8 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -84,7 +85,7 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT", str(20000 + job_id % 20000))),
             launcher="slurm",
         )
-    return DistEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+    return DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "single")
 
 
 def timeout() -> timedelta:
@@ -183,7 +184,7 @@ def spawn_local(
     Each rank writes to its own log file when ``logs`` is given. Used by the benchmarks and tests
     that need to signal or kill single ranks; users run ``bigtx launch local`` or ``deepspeed``.
     """
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(nproc):
         rank_env = {

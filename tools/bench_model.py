@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 from bigtx.config.spec import ModelSection
+from bigtx.export.hf import hf_config
+from bigtx.export.weight_map import LLAMA, combine, plan
 from bigtx.model import Transformer
 
 SIDES = ("bigtx", "hf")
@@ -67,43 +69,20 @@ def model_config(args: argparse.Namespace) -> ModelSection:
     )
 
 
-def to_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """bigtx state-dict keys -> LlamaForCausalLM's (untied, no biases, no qk-norm)."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith("blocks."):
-            key = "model.layers." + key.removeprefix("blocks.")
-            key = key.replace("attn_norm", "input_layernorm").replace("mlp_norm", "post_attention_layernorm")
-            key = key.replace(".attn.", ".self_attn.")
-        else:
-            key = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}.get(key, key)
-        out[key] = value
-    return out
-
-
 def build_side(side: str, cfg: ModelSection, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The model of ``side`` with the weights in ``state`` (bigtx key names)."""
     if side == "bigtx":
         model = Transformer(cfg)
         model.load_state_dict(state)
         return model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
+    # the exporter's own config and weight map: the reference is exactly what `bigtx export hf` writes;
+    # transformers picks its SDPA attention by default, the same kernel bigtx calls
+    hf_cfg = hf_config(cfg, LLAMA, "fp32", {})
     model = LlamaForCausalLM(hf_cfg)
-    model.load_state_dict(to_hf_state(state))
+    conversions = plan(LLAMA, {k: v.shape for k, v in state.items()})
+    model.load_state_dict({c.hf: combine(c, [state[k] for k in c.bigtx]) for c in conversions})
     return model
 
 

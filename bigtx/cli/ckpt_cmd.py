@@ -36,24 +36,26 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(args: argparse.Namespace) -> int:
+def _verified_checkpoint(given: str) -> Path:
+    """The checkpoint meant by ``given``, after checking every file against its recorded sha256."""
     from bigtx import checkpoint
 
-    path = _checkpoint_dir(Path(args.path))
+    path = _checkpoint_dir(Path(given))
     problems = checkpoint.verify(path)
     if problems:
         raise UserError(f"{path} is damaged:\n  " + "\n  ".join(problems))
-    print(f"{path}: ok")
+    return path
+
+
+def _verify(args: argparse.Namespace) -> int:
+    print(f"{_verified_checkpoint(args.path)}: ok")
     return 0
 
 
 def _universal(args: argparse.Namespace) -> int:
     from bigtx import checkpoint
 
-    path = _checkpoint_dir(Path(args.path))
-    problems = checkpoint.verify(path)
-    if problems:
-        raise UserError(f"{path} is damaged:\n  " + "\n  ".join(problems))
+    path = _verified_checkpoint(args.path)
     out = checkpoint.to_universal(path, Path(args.out) if args.out else None)
     print(f"universal checkpoint: {out}")
     return 0
