@@ -28,6 +28,7 @@ from bigtx.model.layers import (
     rope_tables,
     sinusoidal_table,
 )
+from bigtx.model.loss import cross_entropy
 
 # Output projections that write into the residual stream; their init std is scaled by 1/sqrt(2*n_layers)
 # (GPT-2) so the residual's variance does not grow with depth.
@@ -161,8 +162,9 @@ class Transformer(nn.Module):
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if targets is None:
             return logits
-        # The loss needs fp32 log-softmax; .float() is free in fp32 and one upcast under bf16.
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        # fp32 softmax in cache-sized chunks, no full-size fp32 copy; nothing else holds these logits,
+        # so their storage takes the gradient (bigtx.model.loss)
+        return cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, overwrite_logits=True)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty KV cache for up to ``max_len`` positions (default ``max_seq_len``)."""
