@@ -2,19 +2,23 @@
 
 Both sides get the same Llama-style config and identical weights (bigtx's ``init_weights`` state dict,
 key-mapped into Hugging Face's names) and the same batch. Each (side, precision) runs in its own
-worker process, started once; the parent asks the workers for one training step at a time, in
-alternating order, so the CPU's background load hits all of them alike. A step is forward + loss +
-backward + ``AdamW.step()``; the first ``--warmup`` steps are not timed. Throughput is taken from
-each worker's fastest step: other processes on a shared machine only ever add time (the reasoning
-of ``timeit``), and single steps here were seen to stretch 5x under a neighbour's load. The median
-step and the median of per-rep bigtx/hf ratios (the two sides run back to back) are reported too.
+worker process; the parent asks the workers for one training step at a time, in alternating order,
+so the CPU's background load hits all of them alike. A step is forward + loss + backward +
+``AdamW.step()``; the first ``--warmup`` steps of a worker are not timed.
+
+On a shared 2-core VM a process keeps its luck (memory placement, a neighbour's load) for seconds
+to minutes, so one long run can favour one side throughout. The benchmark therefore runs
+``--rounds`` rounds, each with freshly started workers, and pools their steps. The headline ratio
+is the median over all rounds of the per-rep ratio hf_step / bigtx_step (the two sides run back to
+back); the ratio of median steps, of fastest steps and each round's own median are reported too.
 
 Memory, per worker: the kernel's peak resident set (VmHWM) is reset with ``/proc/self/clear_refs``
 after the imports, the model and its weights are in place, so "step memory" = peak RSS during the
-steps minus the RSS before them: gradients, AdamW state, activations and allocator slack. Imports
-(transformers is the larger one) are excluded from it; "peak RSS" is the whole process.
+steps minus the RSS before them: gradients, AdamW state, activations and allocator slack (median
+over rounds). Imports (transformers is the larger one) are excluded from it; "peak RSS" is the
+whole process.
 
-    .venv/bin/python tools/bench_model.py [--d-model 512 --n-layers 8 ...] [--out bench_results/bench_model.json]
+    .venv/bin/python tools/bench_model.py [--rounds 3 --reps 10 --d-model 512 ...] [--out bench_results/bench_model.json]
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256, help="Tokens per sequence.")
     p.add_argument("--batch-size", type=int, default=4, help="Sequences per step.")
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps per worker first.")
-    p.add_argument("--reps", type=int, default=8, help="Timed steps per worker.")
+    p.add_argument("--reps", type=int, default=10, help="Timed steps per worker and round.")
+    p.add_argument("--rounds", type=int, default=3, help="Rounds, each with freshly started workers.")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker.")
     p.add_argument("--out", default="bench_results/bench_model.json", help="Where to write the JSON results.")
     p.add_argument("--worker", nargs=3, metavar=("SIDE", "PRECISION", "WEIGHTS"), help=argparse.SUPPRESS)
@@ -131,6 +136,39 @@ def run_worker(args: argparse.Namespace) -> None:
     print(json.dumps({"base_rss_mib": base_kib / 1024, "peak_rss_mib": peak_kib / 1024}), flush=True)
 
 
+def run_round(args: argparse.Namespace, weights: Path, argv: list[str]) -> dict[tuple[str, str], dict]:
+    """One round: start the four workers, alternate their steps, stop them; times, losses and memory per worker."""
+    workers = {}
+    for precision in PRECISIONS:
+        for side in SIDES:
+            cmd = [sys.executable, __file__, *argv, "--worker", side, precision, str(weights)]
+            workers[side, precision] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for proc in workers.values():
+        if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("a benchmark worker failed to start")
+
+    results: dict[tuple[str, str], dict] = {key: {"times": [], "losses": []} for key in workers}
+    keys = list(workers)
+    for rep in range(args.warmup + args.reps):
+        # alternate who goes first so slow drifts in background load do not favour one side
+        for key in keys if rep % 2 == 0 else keys[::-1]:
+            proc = workers[key]
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write("step\n")
+            proc.stdin.flush()
+            result = json.loads(proc.stdout.readline())
+            results[key]["losses"].append(result["loss"])
+            if rep >= args.warmup:
+                results[key]["times"].append(result["seconds"])
+    for key, proc in workers.items():
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("done\n")
+        proc.stdin.flush()
+        results[key]["memory"] = json.loads(proc.stdout.readline())
+        proc.wait()
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -139,62 +177,37 @@ def main(argv: list[str] | None = None) -> None:
     cfg = model_config(args)
     model = Transformer(cfg)
     model.init_weights(0)
+    passthrough = sys.argv[1:] if argv is None else argv
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
         torch.save(model.state_dict(), weights)
         del model
-        passthrough = sys.argv[1:] if argv is None else argv
-        workers = {}
-        for precision in PRECISIONS:
-            for side in SIDES:
-                cmd = [sys.executable, __file__, *passthrough, "--worker", side, precision, str(weights)]
-                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                workers[side, precision] = proc
-        for proc in workers.values():
-            if proc.stdout is None or proc.stdout.readline().strip() != "ready":
-                raise RuntimeError("a benchmark worker failed to start")
-
-        times: dict[tuple[str, str], list[float]] = {key: [] for key in workers}
-        losses: dict[tuple[str, str], list[float]] = {key: [] for key in workers}
-        keys = list(workers)
-        for rep in range(args.warmup + args.reps):
-            # alternate who goes first so slow drifts in background load do not favour one side
-            for key in keys if rep % 2 == 0 else keys[::-1]:
-                proc = workers[key]
-                assert proc.stdin is not None and proc.stdout is not None
-                proc.stdin.write("step\n")
-                proc.stdin.flush()
-                result = json.loads(proc.stdout.readline())
-                losses[key].append(result["loss"])
-                if rep >= args.warmup:
-                    times[key].append(result["seconds"])
-        memory = {}
-        for key, proc in workers.items():
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write("done\n")
-            proc.stdin.flush()
-            memory[key] = json.loads(proc.stdout.readline())
-            proc.wait()
+        rounds = [run_round(args, weights, passthrough) for _ in range(args.rounds)]
 
     tokens = args.batch_size * args.seq_len
     runs = {}
-    for (side, precision), ts in times.items():
-        mem = memory[side, precision]
+    for side, precision in rounds[0]:
+        ts = [t for r in rounds for t in r[side, precision]["times"]]
+        mems = [r[side, precision]["memory"] for r in rounds]
         runs[f"{side}/{precision}"] = {
             "best_step_s": min(ts),
             "median_step_s": statistics.median(ts),
-            "tokens_per_s": tokens / min(ts),
+            "tokens_per_s": tokens / statistics.median(ts),
             "step_times_s": ts,
-            "losses": losses[side, precision],
-            "peak_rss_mib": mem["peak_rss_mib"],
-            "step_memory_mib": mem["peak_rss_mib"] - mem["base_rss_mib"],
+            "losses": rounds[0][side, precision]["losses"],
+            "peak_rss_mib": statistics.median(m["peak_rss_mib"] for m in mems),
+            "step_memory_mib": statistics.median(m["peak_rss_mib"] - m["base_rss_mib"] for m in mems),
         }
+
+    def paired(r: dict, p: str) -> list[float]:
+        return [h / b for b, h in zip(r["bigtx", p]["times"], r["hf", p]["times"])]
+
     ratios = {
         p: {
-            "throughput_bigtx_over_hf": runs[f"bigtx/{p}"]["tokens_per_s"] / runs[f"hf/{p}"]["tokens_per_s"],
-            "throughput_bigtx_over_hf_paired_median": statistics.median(
-                h / b for b, h in zip(times["bigtx", p], times["hf", p])
-            ),
+            "throughput_bigtx_over_hf": statistics.median(x for r in rounds for x in paired(r, p)),
+            "per_round": [statistics.median(paired(r, p)) for r in rounds],
+            "median_step": runs[f"hf/{p}"]["median_step_s"] / runs[f"bigtx/{p}"]["median_step_s"],
+            "best_step": runs[f"hf/{p}"]["best_step_s"] / runs[f"bigtx/{p}"]["best_step_s"],
             "step_memory_bigtx_over_hf": runs[f"bigtx/{p}"]["step_memory_mib"] / runs[f"hf/{p}"]["step_memory_mib"],
             "first_loss_abs_diff": abs(runs[f"bigtx/{p}"]["losses"][0] - runs[f"hf/{p}"]["losses"][0]),
         }
@@ -204,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"config: d_model={cfg.d_model} n_layers={cfg.n_layers} heads={cfg.n_heads}/{cfg.kv_heads} d_ff={cfg.d_ff} "
         f"vocab={cfg.vocab_size} seq={args.seq_len} batch={args.batch_size} threads={args.threads} "
-        f"params={cfg.num_params():,}; best and median of {args.reps} steps after {args.warmup} warm-up"
+        f"params={cfg.num_params():,}; {args.rounds} rounds x {args.reps} timed steps after {args.warmup} warm-up"
     )
     print(
         f"{'run':<12} {'tokens/s':>9} {'best s':>7} {'median s':>8} "
@@ -218,8 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     for p, r in ratios.items():
         print(
-            f"{p}: throughput bigtx/hf = {r['throughput_bigtx_over_hf']:.3f} "
-            f"(median of per-rep ratios {r['throughput_bigtx_over_hf_paired_median']:.3f}), "
+            f"{p}: throughput bigtx/hf = {r['throughput_bigtx_over_hf']:.3f} (median of paired steps; "
+            f"rounds {' '.join(f'{x:.3f}' for x in r['per_round'])}; median steps {r['median_step']:.3f}, "
+            f"best steps {r['best_step']:.3f}), "
             f"step memory bigtx/hf = {r['step_memory_bigtx_over_hf']:.3f}, "
             f"|loss@0 diff| = {r['first_loss_abs_diff']:.2e}"
         )
