@@ -18,7 +18,7 @@ steps minus the RSS before them: gradients, AdamW state, activations and allocat
 over rounds). Imports (transformers is the larger one) are excluded from it; "peak RSS" is the
 whole process.
 
-    .venv/bin/python tools/bench_model.py [--rounds 3 --reps 10 --d-model 512 ...] [--out bench_results/bench_model.json]
+    .venv/bin/python tools/bench_model.py [--rounds 3 --reps 10 --d-model 512 ...] [--out FILE.json]
 """
 
 from __future__ import annotations

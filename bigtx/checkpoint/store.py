@@ -156,6 +156,39 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=step_of, reverse=True)
 
 
+def resolve(path: Path, tag: str | None = None) -> Path:
+    """The checkpoint directory meant by a run directory, its ``checkpoints/`` or a checkpoint itself.
+
+    A run directory means its newest complete checkpoint (the ``newest`` pointer, written only after
+    the commit marker) or ``tag`` (``step_00000020``, ``20`` or ``universal/step_00000020``); a path
+    that is neither is taken as a checkpoint. Raises ``CheckpointError`` naming the complete
+    checkpoints to choose from.
+    """
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path if (path / NEWEST).is_file() else None
+    if root is None:
+        if tag is not None and tag != path.name:
+            raise CheckpointError(f"--tag {tag}: {path} is a single checkpoint; give the run directory to choose a tag")
+        return path
+    if tag is None and not (root / NEWEST).is_file():
+        raise CheckpointError(f"{root}: no complete checkpoint yet (no `{NEWEST}` file)")
+    wanted = f"--tag {tag}" if tag is not None else f"{root / NEWEST}"
+    if tag is None:
+        tag = (root / NEWEST).read_text().strip()
+    elif tag.isdigit():
+        tag = tag_for(int(tag))
+    candidate = root / tag
+    if not candidate.is_dir():
+        known = [p.name for p in complete_checkpoints(root)]
+        known += [f"universal/{p.name}" for p in complete_checkpoints(root / "universal")]
+        raise CheckpointError(
+            f"{wanted}: no checkpoint {candidate}; "
+            f"complete checkpoints (choose with --tag): {', '.join(known) or 'none'}"
+        )
+    return candidate
+
+
 def remove_incomplete(ckpt_root: Path) -> list[Path]:
     """Delete checkpoint directories that never got their commit marker (rank 0 only)."""
     removed = []

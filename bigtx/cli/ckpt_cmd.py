@@ -8,19 +8,6 @@ from pathlib import Path
 from bigtx.cli.common import UserError
 
 
-def _checkpoint_dir(path: Path) -> Path:
-    """A checkpoint directory given itself, a run dir or a checkpoints/ dir (newest complete one)."""
-    from bigtx import checkpoint
-
-    if (path / "COMPLETE.json").is_file() or path.name.startswith("step_"):
-        return path
-    for root in (path / "checkpoints", path):
-        found = checkpoint.complete_checkpoints(root)
-        if found:
-            return found[0]
-    raise UserError(f"{path}: no complete checkpoint found (expected RUN_DIR, RUN_DIR/checkpoints or step_N)")
-
-
 def _list(args: argparse.Namespace) -> int:
     from bigtx import checkpoint
 
@@ -36,11 +23,14 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verified_checkpoint(given: str) -> Path:
-    """The checkpoint meant by ``given``, after checking every file against its recorded sha256."""
+def _verified_checkpoint(given: str, tag: str | None) -> Path:
+    """The checkpoint meant by ``given`` (and ``tag``), after checking every file against its recorded sha256."""
     from bigtx import checkpoint
 
-    path = _checkpoint_dir(Path(given))
+    try:
+        path = checkpoint.resolve(Path(given), tag)
+    except checkpoint.CheckpointError as exc:
+        raise UserError(str(exc)) from None
     problems = checkpoint.verify(path)
     if problems:
         raise UserError(f"{path} is damaged:\n  " + "\n  ".join(problems))
@@ -48,14 +38,14 @@ def _verified_checkpoint(given: str) -> Path:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    print(f"{_verified_checkpoint(args.path)}: ok")
+    print(f"{_verified_checkpoint(args.path, args.tag)}: ok")
     return 0
 
 
 def _universal(args: argparse.Namespace) -> int:
     from bigtx import checkpoint
 
-    path = _verified_checkpoint(args.path)
+    path = _verified_checkpoint(args.path, args.tag)
     out = checkpoint.to_universal(path, Path(args.out) if args.out else None)
     print(f"universal checkpoint: {out}")
     return 0
@@ -70,11 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_list)
     q = csub.add_parser("verify", help="check every file of a checkpoint against its recorded sha256")
     q.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR")
+    q.add_argument("--tag", help="checkpoint of the run: step_00000020, 20 or universal/step_... (default: newest)")
     q.set_defaults(func=_verify)
     q = csub.add_parser(
         "universal",
         help="convert to DeepSpeed's universal format (resuming at another world size does this by itself)",
     )
     q.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR")
+    q.add_argument("--tag", help="checkpoint of the run: step_00000020 or 20 (default: newest)")
     q.add_argument("--out", help="output directory (default: RUN_DIR/checkpoints/universal/step_N)")
     q.set_defaults(func=_universal)

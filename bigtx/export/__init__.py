@@ -4,7 +4,7 @@ Depends on ``bigtx.model``, ``bigtx.checkpoint`` and ``bigtx.config``; ``transfo
 only by the functions that write or load Hugging Face directories.
 """
 
-from bigtx.export.consolidate import ExportError, WeightSource, open_source, resolve_checkpoint
+from bigtx.export.consolidate import ExportError, WeightSource, open_source
 from bigtx.export.hf import export_hf, hf_weight_map, verify_hf_export
 from bigtx.export.importer import hf_source, import_hf
 from bigtx.export.safetensors_export import export_safetensors
@@ -18,6 +18,5 @@ __all__ = [
     "hf_weight_map",
     "import_hf",
     "open_source",
-    "resolve_checkpoint",
     "verify_hf_export",
 ]

@@ -49,11 +49,9 @@ from torch import Tensor
 from bigtx.checkpoint.store import (
     COMPLETE,
     META,
-    NEWEST,
     CheckpointError,
-    complete_checkpoints,
     read_meta,
-    tag_for,
+    resolve,
     verify,
 )
 from bigtx.config import RunSpec, SpecError, load_spec, validate_spec
@@ -116,38 +114,7 @@ def ordered_like_model(cfg: ModelSection, found: dict[str, tuple[int, ...]], whe
 
 
 # --------------------------------------------------------------------------------------------
-# Finding the checkpoint.
-
-
-def resolve_checkpoint(path: Path, tag: str | None = None) -> Path:
-    """The checkpoint directory meant by a run directory (+ optional tag) or a checkpoint path.
-
-    A run directory means its newest complete checkpoint (``checkpoints/newest``) or ``tag``
-    (``step_00000020``, ``20`` or ``universal/step_00000020``). Raises ``ExportError``.
-    """
-    if not path.exists():
-        raise ExportError(f"{path}: no such file or directory")
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path if (path / NEWEST).is_file() else None
-    if root is None:
-        if tag is not None and tag != path.name:
-            raise ExportError(f"--tag {tag}: {path} is a single checkpoint; give the run directory to choose a tag")
-        return path
-    if tag is None and not (root / NEWEST).is_file():
-        raise ExportError(f"{root}: no complete checkpoint yet (no `{NEWEST}` file)")
-    wanted = f"--tag {tag}" if tag is not None else f"{root / NEWEST}"
-    if tag is None:
-        tag = (root / NEWEST).read_text().strip()
-    elif tag.isdigit():
-        tag = tag_for(int(tag))
-    candidate = root / tag
-    if not candidate.is_dir():
-        known = [p.name for p in complete_checkpoints(root)]
-        known += [f"universal/{p.name}" for p in complete_checkpoints(root / "universal")]
-        raise ExportError(
-            f"{wanted}: no checkpoint {candidate}; "
-            f"complete checkpoints (choose with --tag): {', '.join(known) or 'none'}"
-        )
-    return candidate
+# Checking the checkpoint (finding it is bigtx.checkpoint.resolve).
 
 
 def check_checkpoint(path: Path) -> dict[str, Any]:
@@ -361,8 +328,8 @@ def open_source(path: str | Path, tag: str | None = None) -> WeightSource:
     directory (any ZeRO stage, or universal), a `bigtx export safetensors`/`bigtx import hf`
     directory, or a Hugging Face Llama/GPT-2 directory.
 
-    Raises ``ExportError`` for a wrong path or tag, ``CheckpointError`` for an incomplete or
-    damaged checkpoint.
+    Raises ``ExportError`` for a tag given with a weights directory, ``CheckpointError`` for a
+    wrong path or tag and for an incomplete or damaged checkpoint.
     """
     path = Path(path)
     if path.is_dir() and not (path / "checkpoints").is_dir() and (is_weights_dir(path) or is_hf_dir(path)):
@@ -373,4 +340,4 @@ def open_source(path: str | Path, tag: str | None = None) -> WeightSource:
         from bigtx.export.importer import hf_source
 
         return hf_source(path)
-    return _checkpoint_source(resolve_checkpoint(path, tag))
+    return _checkpoint_source(resolve(path, tag))

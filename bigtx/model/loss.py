@@ -40,7 +40,8 @@ def cross_entropy(
     computing from clobbered values.
     """
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits [N, V] and targets [N], got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        shapes = f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+        raise ValueError(f"expected logits [N, V] and targets [N], got {shapes}")
     chunk_bytes = _CHUNK_BYTES.get(logits.device.type, _CHUNK_BYTES_DEFAULT)
     rows = max(1, chunk_bytes // (4 * logits.shape[1]))
     return _ChunkedCrossEntropy.apply(logits, targets, ignore_index, rows, overwrite_logits)

@@ -11,12 +11,14 @@ from bigtx.checkpoint import (
     apply_retention,
     complete_checkpoints,
     remove_incomplete,
+    resolve,
     spec_changes,
     tag_for,
     verify,
 )
 from bigtx.checkpoint.resume import prepare_run_dir
-from bigtx.checkpoint.store import COMPLETE, CheckpointError, sha256_file
+from bigtx.checkpoint.store import COMPLETE, NEWEST, CheckpointError, sha256_file
+from bigtx.cli.main import main
 from bigtx.config import load_spec, spec_to_dict
 
 
@@ -50,6 +52,47 @@ def test_verify_detects_truncation_and_bit_flips(tmp_path: Path) -> None:
     assert "truncated" in verify(path)[0]
     (path / "shard.pt").unlink()
     assert "missing" in verify(path)[0]
+
+
+def fake_run(run_dir: Path) -> Path:
+    """A run directory with complete checkpoints at steps 10 and 20, ``newest`` pointing at 20."""
+    root = run_dir / "checkpoints"
+    for step in (10, 20):
+        fake_checkpoint(root, step)
+    (root / NEWEST).write_text(tag_for(20) + "\n")
+    return root
+
+
+def test_resolve_finds_newest_or_the_tag_and_names_the_choices(tmp_path: Path) -> None:
+    root = fake_run(tmp_path)
+    for given in (tmp_path, root, root / "step_00000020"):
+        assert resolve(given) == root / "step_00000020"
+    assert resolve(tmp_path, "10") == resolve(tmp_path, "step_00000010") == root / "step_00000010"
+    with pytest.raises(CheckpointError, match="choose with --tag.*step_00000020, step_00000010"):
+        resolve(tmp_path, "30")
+    with pytest.raises(CheckpointError, match="is a single checkpoint"):
+        resolve(root / "step_00000020", "10")
+    with pytest.raises(CheckpointError, match="no such file"):
+        resolve(tmp_path / "nope")
+    (root / NEWEST).unlink()
+    with pytest.raises(CheckpointError, match="no complete checkpoint yet"):
+        resolve(tmp_path)
+
+
+def test_ckpt_verify_cli_reports_ok_or_the_damaged_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = fake_run(tmp_path)
+    assert main(["ckpt", "verify", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"{root / 'step_00000020'}: ok"
+    shard = root / "step_00000010" / "shard.pt"
+    shard.write_bytes(b"x" + shard.read_bytes()[1:])
+    assert main(["ckpt", "verify", str(tmp_path)]) == 0  # newest is intact
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["ckpt", "verify", str(tmp_path), "--tag", "10"])
+    assert info.value.code == 2 and "sha256 differs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["ckpt", "verify", str(tmp_path), "--tag", "30"])
+    assert info.value.code == 2 and "choose with --tag" in capsys.readouterr().err
 
 
 def test_retention_keeps_last_and_every(tmp_path: Path) -> None:
