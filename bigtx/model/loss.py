@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Bytes of fp32 temporaries per chunk. On the CPU: about one core's L2 cache, so a chunk's
+# Bytes of one fp32 chunk of logits (a chunk holds two such temporaries: the fp32 copy of bf16/fp16
+# logits and its (log-)softmax). On the CPU: about one core's L2 cache, so a chunk's
 # softmax is read back from cache; measured 2x (fp32) to 6x (bf16 logits) faster than the
 # full-size path at vocab 8k-32k. Elsewhere: few enough chunks that launch overhead is nil, while
 # the fp32 temporary stays bounded.
@@ -32,16 +33,16 @@ def cross_entropy(
     summation order: softmax and log-softmax run in fp32 whatever the logits' dtype, and the
     gradient is scaled by the incoming gradient (e.g. an fp16 loss scale) before it is rounded to
     the logits' dtype. Targets equal to ``ignore_index`` contribute neither loss nor gradient; if
-    every target is ignored the loss is NaN, as with ``F.cross_entropy``.
+    every target is ignored the loss is NaN and the gradient zero, as with ``F.cross_entropy``.
 
     With ``overwrite_logits`` the backward writes the gradient into ``logits`` itself: for callers
     that own the logits and read nothing from them after the backward (``Transformer.forward``).
     A second backward through the same graph then fails autograd's in-place check instead of
     computing from clobbered values.
     """
-    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+    if logits.ndim != 2 or targets.shape != logits.shape[:1] or logits.shape[1] == 0:
         shapes = f"{tuple(logits.shape)} and {tuple(targets.shape)}"
-        raise ValueError(f"expected logits [N, V] and targets [N], got {shapes}")
+        raise ValueError(f"expected logits [N, V > 0] and targets [N], got {shapes}")
     chunk_bytes = _CHUNK_BYTES.get(logits.device.type, _CHUNK_BYTES_DEFAULT)
     rows = max(1, chunk_bytes // (4 * logits.shape[1]))
     return _ChunkedCrossEntropy.apply(logits, targets, ignore_index, rows, overwrite_logits)
@@ -70,7 +71,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         logits, safe_targets, valid, count = ctx.saved_tensors
         rows: int = ctx.rows
         # d(mean loss)/d(logit) = (softmax - one_hot(target)) / count for each counted row, 0 otherwise
-        row_scale = valid.float() * (grad_loss.float() / count)
+        row_scale = valid.float() * (grad_loss.float() / count.clamp_min(1))
         grad = logits if ctx.overwrite else torch.empty_like(logits)
         for start in range(0, logits.shape[0], rows):
             end = start + rows

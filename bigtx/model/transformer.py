@@ -163,7 +163,8 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         # fp32 softmax in cache-sized chunks, no full-size fp32 copy; nothing else holds these logits,
-        # so their storage takes the gradient (bigtx.model.loss)
+        # so their storage takes the gradient (bigtx.model.loss). A forward hook on lm_head that kept
+        # its output would see the gradient there after backward.
         return cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, overwrite_logits=True)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:

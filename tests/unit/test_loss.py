@@ -56,16 +56,20 @@ def test_gradient_is_scaled_before_rounding_to_fp16() -> None:
     torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2**-10, atol=2**-23)
 
 
-def test_all_targets_ignored_gives_nan_like_torch() -> None:
+def test_all_targets_ignored_gives_nan_loss_and_zero_gradient_like_torch() -> None:
     logits = torch.randn(3, 10)
     targets = torch.full((3,), -100)
-    assert math.isnan(cross_entropy(logits, targets).item())
-    assert math.isnan(F.cross_entropy(logits, targets, ignore_index=-100).item())
+    for fn in (cross_entropy, lambda x, t: F.cross_entropy(x, t, ignore_index=-100)):
+        loss, grad = _loss_and_grad(fn, logits, targets)
+        assert math.isnan(loss.item())
+        assert torch.equal(grad, torch.zeros_like(logits))
 
 
 def test_shape_mismatch_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"logits \[N, V\] and targets \[N\]"):
+    with pytest.raises(ValueError, match=r"logits \[N, V > 0\] and targets \[N\]"):
         cross_entropy(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="V > 0"):
+        cross_entropy(torch.randn(2, 0), torch.zeros(2, dtype=torch.long))
 
 
 def test_overwrite_logits_gives_the_same_upstream_gradients_and_guards_a_second_backward() -> None:
