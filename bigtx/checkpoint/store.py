@@ -159,29 +159,38 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
 def resolve(path: Path, tag: str | None = None) -> Path:
     """The checkpoint directory meant by a run directory, its ``checkpoints/`` or a checkpoint itself.
 
-    A run directory means its newest complete checkpoint (the ``newest`` pointer, written only after
-    the commit marker) or ``tag`` (``step_00000020``, ``20`` or ``universal/step_00000020``); a path
-    that is neither is taken as a checkpoint. Raises ``CheckpointError`` naming the complete
-    checkpoints to choose from.
+    A run directory means ``tag`` (``step_00000020``, ``20`` or ``universal/step_00000020``) or else
+    its newest checkpoint: the ``newest`` pointer (written only after the commit marker), or the
+    highest complete step when the pointer is missing (a copied run). Raises ``CheckpointError``
+    naming the complete checkpoints to choose from, or saying what ``path`` is not.
     """
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path if (path / NEWEST).is_file() else None
-    if root is None:
+    if (path / "checkpoints").is_dir():
+        root = path / "checkpoints"
+    elif (path / NEWEST).is_file() or complete_checkpoints(path):
+        root = path
+    elif (path / COMPLETE).is_file() or (path / META).is_file() or _TAG.match(path.name):
         if tag is not None and tag != path.name:
             raise CheckpointError(f"--tag {tag}: {path} is a single checkpoint; give the run directory to choose a tag")
         return path
-    if tag is None and not (root / NEWEST).is_file():
-        raise CheckpointError(f"{root}: no complete checkpoint yet (no `{NEWEST}` file)")
-    wanted = f"--tag {tag}" if tag is not None else f"{root / NEWEST}"
-    if tag is None:
-        tag = (root / NEWEST).read_text().strip()
-    elif tag.isdigit():
-        tag = tag_for(int(tag))
-    candidate = root / tag
+    else:
+        raise CheckpointError(
+            f"{path}: not a bigtx run directory, checkpoints/ directory or checkpoint "
+            f"(no checkpoints/, {NEWEST}, {COMPLETE} or {META} in it)"
+        )
+    known = [p.name for p in complete_checkpoints(root)]
+    known += [f"universal/{p.name}" for p in complete_checkpoints(root / "universal")]
+    if tag is not None:
+        wanted, name = f"--tag {tag}", tag_for(int(tag)) if tag.isdigit() else tag
+    elif (root / NEWEST).is_file():
+        wanted, name = str(root / NEWEST), (root / NEWEST).read_text().strip()
+    elif known:
+        return root / known[0]
+    else:
+        raise CheckpointError(f"{root}: no complete checkpoint yet")
+    candidate = root / name
     if not candidate.is_dir():
-        known = [p.name for p in complete_checkpoints(root)]
-        known += [f"universal/{p.name}" for p in complete_checkpoints(root / "universal")]
         raise CheckpointError(
             f"{wanted}: no checkpoint {candidate}; "
             f"complete checkpoints (choose with --tag): {', '.join(known) or 'none'}"

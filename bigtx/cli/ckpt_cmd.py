@@ -38,7 +38,14 @@ def _verified_checkpoint(given: str, tag: str | None) -> Path:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    print(f"{_verified_checkpoint(args.path, args.tag)}: ok")
+    import json
+
+    path = _verified_checkpoint(args.path, args.tag)
+    recorded = len(json.loads((path / "COMPLETE.json").read_text())["files"])
+    if recorded:
+        print(f"{path}: ok (sha256 checked for {recorded} file(s))")
+    else:
+        print(f"{path}: complete, but no file digests were recorded (a universal copy made from a verified checkpoint)")
     return 0
 
 
@@ -46,6 +53,8 @@ def _universal(args: argparse.Namespace) -> int:
     from bigtx import checkpoint
 
     path = _verified_checkpoint(args.path, args.tag)
+    if path.parent.name == "universal":
+        raise UserError(f"{path} is already a universal checkpoint")
     out = checkpoint.to_universal(path, Path(args.out) if args.out else None)
     print(f"universal checkpoint: {out}")
     return 0

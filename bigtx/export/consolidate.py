@@ -328,8 +328,8 @@ def open_source(path: str | Path, tag: str | None = None) -> WeightSource:
     directory (any ZeRO stage, or universal), a `bigtx export safetensors`/`bigtx import hf`
     directory, or a Hugging Face Llama/GPT-2 directory.
 
-    Raises ``ExportError`` for a tag given with a weights directory, ``CheckpointError`` for a
-    wrong path or tag and for an incomplete or damaged checkpoint.
+    Raises ``CheckpointError`` for a path or tag that names no checkpoint and for an incomplete or
+    damaged one, ``ExportError`` for a tag given with a weights directory or a directory of no known kind.
     """
     path = Path(path)
     if path.is_dir() and not (path / "checkpoints").is_dir() and (is_weights_dir(path) or is_hf_dir(path)):

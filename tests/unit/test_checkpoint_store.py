@@ -74,7 +74,13 @@ def test_resolve_finds_newest_or_the_tag_and_names_the_choices(tmp_path: Path) -
         resolve(root / "step_00000020", "10")
     with pytest.raises(CheckpointError, match="no such file"):
         resolve(tmp_path / "nope")
-    (root / NEWEST).unlink()
+    with pytest.raises(CheckpointError, match="not a bigtx run directory"):
+        resolve(tmp_path / "checkpoints" / "step_00000020" / "shard.pt")
+    (root / NEWEST).unlink()  # a copied run without its pointer: the highest complete step
+    assert resolve(tmp_path) == root / "step_00000020"
+    (root / "step_00000020" / COMPLETE).unlink()
+    assert resolve(tmp_path) == root / "step_00000010"
+    (root / "step_00000010" / COMPLETE).unlink()
     with pytest.raises(CheckpointError, match="no complete checkpoint yet"):
         resolve(tmp_path)
 
@@ -82,7 +88,7 @@ def test_resolve_finds_newest_or_the_tag_and_names_the_choices(tmp_path: Path) -
 def test_ckpt_verify_cli_reports_ok_or_the_damaged_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = fake_run(tmp_path)
     assert main(["ckpt", "verify", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.strip() == f"{root / 'step_00000020'}: ok"
+    assert capsys.readouterr().out.strip() == f"{root / 'step_00000020'}: ok (sha256 checked for 1 file(s))"
     shard = root / "step_00000010" / "shard.pt"
     shard.write_bytes(b"x" + shard.read_bytes()[1:])
     assert main(["ckpt", "verify", str(tmp_path)]) == 0  # newest is intact
