@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         run_worker(args)
         return
+    if args.rounds < 1 or args.reps < 1:
+        sys.exit("bench_model: --rounds and --reps must be at least 1")
     cfg = model_config(args)
     model = Transformer(cfg)
     model.init_weights(0)
