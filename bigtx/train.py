@@ -33,7 +33,7 @@ import yaml
 import bigtx
 from bigtx import checkpoint, distributed
 from bigtx.checkpoint.resume import find_resume_point, prepare_run_dir
-from bigtx.config import RunSpec, SpecError, load_spec, spec_hash, spec_to_dict
+from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.data import DataError, build_loader, check_data
 from bigtx.distributed import EXIT_ERROR, EXIT_FINISHED, EXIT_REQUEUE, EXIT_USAGE, DistEnv
@@ -471,15 +471,7 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bigtx train", description="Train a model from a run spec.")
-    parser.add_argument("spec", metavar="SPEC", help="run spec: a YAML file or a preset name")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec field, e.g. --set train.max_steps=10 (repeatable)",
-    )
+    add_spec_args(parser)
     # the deepspeed launcher appends --local_rank=N; the environment already says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Helpers every command uses: the SPEC/--set arguments and turning user errors into exit code 2."""
+"""Helpers every command uses: the spec from SPEC/--set arguments and turning user errors into exit code 2."""
 
 from __future__ import annotations
 
@@ -13,18 +13,6 @@ USAGE_ERROR = 2
 
 class UserError(Exception):
     """A mistake in the user's input: printed as one clear message, exit code 2, no traceback."""
-
-
-def add_spec_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", metavar="SPEC", help="run spec: a YAML file or a preset name (`bigtx config presets`)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec field, e.g. --set train.max_steps=10 (repeatable; values parsed as YAML)",
-    )
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from bigtx.cli.common import UserError, add_spec_args, spec_from_args
-from bigtx.config import RunSpec, preset_names, spec_to_dict
+from bigtx.cli.common import UserError, spec_from_args
+from bigtx.config import RunSpec, add_spec_args, preset_names, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 
 

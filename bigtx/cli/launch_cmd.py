@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bigtx.cli.common import UserError, add_spec_args, spec_from_args
-from bigtx.config import RunSpec
+from bigtx.cli.common import UserError, spec_from_args
+from bigtx.config import RunSpec, add_spec_args
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.launch import local, slurm
 

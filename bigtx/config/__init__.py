@@ -1,6 +1,14 @@
 """The run spec: pydantic models, loading with overrides, and the derived DeepSpeed config."""
 
-from bigtx.config.loading import SpecError, load_spec, preset_names, spec_hash, spec_to_dict, validate_spec
+from bigtx.config.loading import (
+    SpecError,
+    add_spec_args,
+    load_spec,
+    preset_names,
+    spec_hash,
+    spec_to_dict,
+    validate_spec,
+)
 from bigtx.config.spec import DataSection, DataSource, ModelSection, RunSpec
 
 __all__ = [
@@ -9,6 +17,7 @@ __all__ = [
     "ModelSection",
     "RunSpec",
     "SpecError",
+    "add_spec_args",
     "load_spec",
     "preset_names",
     "spec_hash",

@@ -6,6 +6,7 @@ print them and exit 2 instead of showing a traceback.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -113,6 +114,19 @@ def validate_spec(data: dict[str, Any], source: str = "") -> RunSpec:
         return RunSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_format_validation_error(exc), source) from None
+
+
+def add_spec_args(parser: argparse.ArgumentParser) -> None:
+    """Add SPEC and repeatable ``--set KEY=VALUE`` (``args.spec``, ``args.overrides``) as ``load_spec`` takes them."""
+    parser.add_argument("spec", metavar="SPEC", help="run spec: a YAML file or a preset name (`bigtx config presets`)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set train.max_steps=10 (repeatable; values parsed as YAML)",
+    )
 
 
 def load_spec(spec: str, overrides: list[str] | None = None) -> RunSpec:
