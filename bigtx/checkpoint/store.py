@@ -166,21 +166,18 @@ def resolve(path: Path, tag: str | None = None) -> Path:
     """
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    if (path / "checkpoints").is_dir():
-        root = path / "checkpoints"
-    elif (path / NEWEST).is_file() or complete_checkpoints(path):
-        root = path
-    elif (path / COMPLETE).is_file() or (path / META).is_file() or _TAG.match(path.name):
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    known = [p.name for p in complete_checkpoints(root)]
+    known += [f"universal/{p.name}" for p in complete_checkpoints(root / "universal")]
+    if root == path and not known and not (path / NEWEST).is_file():
+        if not ((path / COMPLETE).is_file() or (path / META).is_file() or _TAG.match(path.name)):
+            raise CheckpointError(
+                f"{path}: not a bigtx run directory, checkpoints/ directory or checkpoint "
+                f"(no checkpoints/, {NEWEST}, {COMPLETE} or {META} in it)"
+            )
         if tag is not None and tag != path.name:
             raise CheckpointError(f"--tag {tag}: {path} is a single checkpoint; give the run directory to choose a tag")
         return path
-    else:
-        raise CheckpointError(
-            f"{path}: not a bigtx run directory, checkpoints/ directory or checkpoint "
-            f"(no checkpoints/, {NEWEST}, {COMPLETE} or {META} in it)"
-        )
-    known = [p.name for p in complete_checkpoints(root)]
-    known += [f"universal/{p.name}" for p in complete_checkpoints(root / "universal")]
     if tag is not None:
         wanted, name = f"--tag {tag}", tag_for(int(tag)) if tag.isdigit() else tag
     elif (root / NEWEST).is_file():

@@ -40,8 +40,10 @@ def _verified_checkpoint(given: str, tag: str | None) -> Path:
 def _verify(args: argparse.Namespace) -> int:
     import json
 
+    from bigtx.checkpoint.store import COMPLETE
+
     path = _verified_checkpoint(args.path, args.tag)
-    recorded = len(json.loads((path / "COMPLETE.json").read_text())["files"])
+    recorded = len(json.loads((path / COMPLETE).read_text())["files"])
     if recorded:
         print(f"{path}: ok (sha256 checked for {recorded} file(s))")
     else:

@@ -17,9 +17,8 @@ from torch import Tensor
 
 # Bytes of one fp32 chunk of logits (a chunk holds two such temporaries: the fp32 copy of bf16/fp16
 # logits and its (log-)softmax). On the CPU: about one core's L2 cache, so a chunk's
-# softmax is read back from cache; measured 2x (fp32) to 6x (bf16 logits) faster than the
-# full-size path at vocab 8k-32k. Elsewhere: few enough chunks that launch overhead is nil, while
-# the fp32 temporary stays bounded.
+# softmax is read back from cache (its effect on a training step: tools/bench_model.py).
+# Elsewhere: few enough chunks that launch overhead is nil, while the fp32 temporary stays bounded.
 _CHUNK_BYTES = {"cpu": 2 * 2**20}
 _CHUNK_BYTES_DEFAULT = 256 * 2**20
 
