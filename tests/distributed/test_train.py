@@ -175,46 +175,16 @@ def test_torchrun(tmp_path: Path, byte_shards: Path) -> None:
 
 def test_spec_errors_stop_before_any_process_group(tmp_path: Path, byte_shards: Path) -> None:
     run_dir = tmp_path / "bad"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bigtx",
-            "train",
-            "tiny",
-            "--set",
-            f"run.dir={run_dir}",
-            "--set",
-            f"data.train={byte_shards}",
-            "--set",
-            "model.n_kv_heads=3",
-        ],
-        env=base_env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def train(*overrides: str) -> subprocess.CompletedProcess:
+        sets = [arg for override in (f"run.dir={run_dir}", *overrides) for arg in ("--set", override)]
+        cmd = [sys.executable, "-m", "bigtx", "train", "tiny", *sets]
+        return subprocess.run(cmd, env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    res = train(f"data.train={byte_shards}", "model.n_kv_heads=3")
     assert res.returncode == 2 and "model.n_kv_heads" in res.stderr and "Traceback" not in res.stderr
     assert not run_dir.exists()
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bigtx",
-            "train",
-            "tiny",
-            "--set",
-            f"run.dir={run_dir}",
-            "--set",
-            f"data.train={tmp_path / 'nowhere'}",
-        ],
-        env=base_env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = train(f"data.train={tmp_path / 'nowhere'}")
     assert missing.returncode == 2 and "data.train" in missing.stderr and "Traceback" not in missing.stderr
 
 
