@@ -12,8 +12,11 @@ other members (ignored, as are members whose file name starts with ``__``), so s
 
     sink.write({"__key__": "doc0", "ids.npy": np.asarray(ids, dtype=np.uint16)})
 
-Fetching (``fetch``): a shard is read whole (``webdataset.gopen``: local paths, ``file:``, ``http(s)://``,
-``pipe:``) and checked against the index's size and sha256 when they are known.
+Fetching (``fetch``): a shard is read whole. ``http(s)://`` URLs go through ``urllib``: an attempt fails
+after 60 s without data; timeouts, connection errors, 5xx and 429 answers are retried 4 times, after 1,
+2, 4 and 8 s; 401, 403, 404 and other client errors are not retried. Local paths are opened directly;
+``file:``, ``pipe:`` and other URLs go through ``webdataset.gopen``. The shard is then checked against
+the index's size and sha256 when they are known.
 
 Parsing: a small tar reader here (five times faster than ``tarfile`` at reading the 744 members of a
 1 MB shard). It reads ustar, pax (``path``, ``size``) and GNU long-name archives as ``tarfile`` (and so
@@ -29,12 +32,18 @@ big-endian data).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
+import logging
 import os
 import re
 import tarfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import numpy as np
 
@@ -51,6 +60,8 @@ _NPY_HEADER = re.compile(
     rb"'shape': *\((0|[1-9][0-9]{0,18}), *\)(?:, *)?\} *\n?"
 )
 _DTYPES: dict[bytes, np.dtype] = {}
+
+log = logging.getLogger("bigtx.data")
 
 
 class CorruptShard(Exception):
@@ -276,8 +287,16 @@ def parse_shard(buf: bytes, with_sources: bool = False) -> ShardData:
     return ShardData(keys, docs, sources)
 
 
-def fetch(url: str) -> bytes:
-    """All bytes of a local path or any URL ``webdataset.gopen`` opens; raises ``CorruptShard``."""
+def fetch(url: str, *, timeout: float = 60.0, retries: int = 4, backoff: float = 1.0) -> bytes:
+    """All bytes of a local path, an ``http(s)://`` URL, or any other URL ``webdataset.gopen`` opens
+    (``file:``, ``pipe:``, ...). Raises ``CorruptShard`` saying why.
+
+    HTTP(S) goes through ``urllib``: an attempt fails after ``timeout`` seconds without data from the
+    server; timeouts, connection errors, 429 and 5xx answers are retried up to ``retries`` times, after
+    ``backoff``, ``2 * backoff``, ``4 * backoff``, ... seconds; other HTTP errors (401, 403, 404, ...) are not.
+    """
+    if url.lower().startswith(("http://", "https://")):
+        return _http_get(url, timeout, retries, backoff)
     from webdataset.gopen import gopen
 
     try:
@@ -288,6 +307,33 @@ def fetch(url: str) -> bytes:
             return stream.read()
     except Exception as exc:  # noqa: BLE001 - any failure to fetch makes the shard unusable
         raise CorruptShard(f"cannot read: {exc}") from None
+
+
+def _http_get(url: str, timeout: float, retries: int, backoff: float) -> bytes:
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            delay = backoff * 2 ** (attempt - 1)
+            log.warning("%s: %s; retrying in %g s (attempt %d of %d)", url, last, delay, attempt + 1, retries + 1)
+            time.sleep(delay)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            try:
+                last = f"HTTP {exc.code} {HTTPStatus(exc.code).phrase}"
+            except ValueError:  # a status code outside the standard list
+                last = f"HTTP {exc.code} {exc.reason}"
+            if exc.code != 429 and exc.code < 500:  # the server's answer will not change: do not retry
+                raise CorruptShard(f"cannot read: {last}") from None
+        except (OSError, http.client.HTTPException) as exc:  # timeouts, refused or dropped connections, short bodies
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            last = f"no data for {timeout:g} s" if isinstance(reason, TimeoutError) else str(reason) or repr(reason)
+        except ValueError as exc:  # a malformed URL (bad port, ...)
+            raise CorruptShard(f"cannot read: {exc}") from None
+    attempts = f"{retries + 1} attempt{'s' if retries else ''}"
+    raise CorruptShard(f"cannot read: {attempts} failed, the last with {last}")
 
 
 def read_shard(
