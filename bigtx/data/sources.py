@@ -6,10 +6,16 @@ A source string may be
   counts to verify against, and the tokenizer hash to compare with ``data.tokenizer``;
 * a URL of such an index (``https://host/ds/index.json``; shard URLs are taken relative to it);
 * a shard pattern: a path or URL with brace ranges (``train-{000000..000099}.tar``), a local glob
-  (``shards/*.tar``), a single ``.tar``, any URL ``webdataset.gopen`` opens (``http(s)://``, ``pipe:``,
-  ``file:``, ...); several patterns may be joined with ``::``.
+  (``shards/*.tar``), a single ``.tar``, an ``http(s)://`` URL or any URL ``webdataset.gopen`` opens
+  (``pipe:``, ``file:``, ...); several patterns may be joined with ``::``.
 
 Shards from a pattern carry no index: no hash check and no tokenizer check is possible for them.
+
+An index is checked before use: shard names must be relative paths inside its directory (no absolute
+path, ``..``, backslash, ``:`` or control character; for a remote index also no ``?#%``), sha256 a
+64-digit hex string, sample/token/byte counts non-negative integers. A hostile or damaged index gives a
+``DataError`` naming the field, the index and the bad value. A remote index is fetched like a shard
+(``shards.fetch``: timeouts and server errors are retried).
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import glob
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from bigtx.data.errors import DataError
+from bigtx.data.shards import CorruptShard, fetch
 from bigtx.data.tokenizer import Tokenizer, load_tokenizer
 
 INDEX_NAME = "index.json"
@@ -73,40 +81,109 @@ def _local(s: str) -> str | None:
 
 
 def read_index(location: str, label: str) -> dict:
+    """The index at a local path or URL (fetched with ``shards.fetch``: HTTP errors are retried), with its
+    top-level fields checked. Raises ``DataError``."""
     local = _local(location)
     try:
-        if local is not None:
+        if local is None:
+            raw = fetch(location)
+        else:
             with open(local, "rb") as f:
                 raw = f.read()
-        else:
-            from webdataset.gopen import gopen
-
-            with gopen(location, "rb") as f:
-                raw = f.read()
+    except (CorruptShard, OSError) as exc:
+        raise DataError(f"{label}: cannot read {location}: {str(exc).removeprefix('cannot read: ')}") from None
+    try:
         index = json.loads(raw)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{label}: cannot read {location}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise DataError(f"{label}: {location} is not valid JSON: {exc}") from None
     if not isinstance(index, dict) or index.get("format") != "bigtx-shards":
         raise DataError(f"{label}: {location} is not an index.json written by `bigtx data build`")
     if index.get("version") != 1:
         raise DataError(f"{label}: {location} has index version {index.get('version')}; this bigtx reads version 1")
+    problem = None
+    if not isinstance(index.get("splits"), dict):
+        problem = "'splits' is not a mapping of split names to shard lists"
+    elif not isinstance(index.get("tokenizer", {}), dict):
+        problem = "'tokenizer' is not a mapping"
+    elif "vocab_size" in index and not _count(index["vocab_size"]):
+        problem = f"'vocab_size' is {index['vocab_size']!r}, not a non-negative integer"
+    if problem:
+        raise DataError(f"{label}: {location}: {problem}; rebuild it with `bigtx data build`")
     return index
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _name_problem(name, remote: bool) -> str | None:
+    """Why ``name`` is no relative path inside the dataset directory (None if it is one)."""
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if not name:
+        return "is empty"
+    if "\\" in name:
+        return "contains a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character"
+    if name.startswith("/") or os.path.isabs(name):
+        return "is an absolute path"
+    if ":" in name:
+        return "contains ':' (a URL scheme or drive letter)"
+    if ".." in name.split("/"):
+        return "has a '..' component"
+    if remote and set(name) & set("?#%"):
+        return "contains one of ?#% (which change a URL's meaning)"
+    return None
+
+
+def _shard_entries(index: dict, split: str, location: str, label: str) -> list[dict]:
+    """The checked shard entries of ``split``: a hostile or damaged index gives a ``DataError`` naming the entry."""
+    where = f"splits.{split}"
+    sp = index["splits"].get(split, {})
+    entries = sp.get("shards", []) if isinstance(sp, dict) else None
+    if not isinstance(entries, list):
+        what = "a mapping" if not isinstance(sp, dict) else "a mapping whose 'shards' is a list"
+        raise DataError(f"{label}: {location}: {where} is not {what}; rebuild it with `bigtx data build`")
+    remote = _local(location) is None
+    for i, e in enumerate(entries):
+        field = f"{where}.shards[{i}]"
+        problem = None
+        if not isinstance(e, dict):
+            problem = f"{field} is not a mapping"
+        elif (why := _name_problem(e.get("name"), remote)) is not None:
+            problem = (
+                f"{field}.name {e.get('name')!r} {why}; "
+                "shard names must be relative paths inside the dataset directory"
+            )
+        elif "sha256" in e and not (isinstance(e["sha256"], str) and _HEX64.fullmatch(e["sha256"])):
+            problem = f"{field}.sha256 {e['sha256']!r} is not 64 lower-case hex digits"
+        else:
+            bad = next((k for k in ("samples", "tokens", "bytes") if k in e and not _count(e[k])), None)
+            if bad is not None:
+                problem = f"{field}.{bad} is {e[bad]!r}, not a non-negative integer"
+        if problem:
+            raise DataError(f"{label}: {location}: {problem}")
+    return entries
 
 
 def _index_source(location: str, split: str, label: str, spec: str, weight: float) -> Source:
     index = read_index(location, label)
     base = location[: -len(INDEX_NAME)]
-    entries = index["splits"].get(split, {}).get("shards", [])
+    join = os.path.join if _local(location) is not None else posixpath.join
     shards = [
         Shard(
-            url=os.path.join(base, e["name"]) if _local(location) is not None else posixpath.join(base, e["name"]),
+            url=join(base, e["name"]),
             name=e["name"],
             sha256=e.get("sha256"),
             samples=e.get("samples"),
             tokens=e.get("tokens"),
             size=e.get("bytes"),
         )
-        for e in entries
+        for e in _shard_entries(index, split, location, label)
     ]
     missing = [s.url for s in shards if _local(s.url) is not None and not os.path.isfile(_local(s.url))]  # type: ignore[arg-type]
     if missing:
