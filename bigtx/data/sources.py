@@ -12,7 +12,8 @@ A source string may be
 Shards from a pattern carry no index: no hash check and no tokenizer check is possible for them.
 
 An index is checked before use: shard names must be relative paths inside its directory (no absolute
-path, ``..``, backslash, ``:`` or control character; for a remote index also no ``?#%``), sha256 a
+path, ``..``, backslash, ``:`` or control character; a remote or ``pipe:`` index's names, which become
+part of URLs or shell commands, only letters, digits and ``._-+=,@~/``), sha256 a
 64-digit hex string, sample/token/byte counts non-negative integers. A hostile or damaged index gives a
 ``DataError`` naming the field, the index and the bad value. A remote index is fetched like a shard
 (``shards.fetch``: timeouts and server errors are retried).
@@ -113,6 +114,7 @@ def read_index(location: str, label: str) -> dict:
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_REMOTE_NAME = re.compile(r"[A-Za-z0-9._~/+=,@-]+")
 
 
 def _count(value) -> bool:
@@ -135,8 +137,8 @@ def _name_problem(name, remote: bool) -> str | None:
         return "contains ':' (a URL scheme or drive letter)"
     if ".." in name.split("/"):
         return "has a '..' component"
-    if remote and set(name) & set("?#%"):
-        return "contains one of ?#% (which change a URL's meaning)"
+    if remote and not _REMOTE_NAME.fullmatch(name):  # the name becomes part of a URL, or of a pipe: command
+        return "has characters other than A-Z a-z 0-9 . _ - + = , @ ~ / (not allowed in a remote index)"
     return None
 
 
