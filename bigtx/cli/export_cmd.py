@@ -82,7 +82,9 @@ def _import_hf(args: argparse.Namespace) -> int:
 
 
 def _add_output_args(p: argparse.ArgumentParser, default_dtype: str = "fp32") -> None:
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; must be empty)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output directory: a new or empty one, or an earlier export"
+    )
     p.add_argument(
         "--dtype",
         choices=["fp32", "bf16", "fp16"],
@@ -96,7 +98,10 @@ def _add_output_args(p: argparse.ArgumentParser, default_dtype: str = "fp32") ->
         help="split the weights into files of at most SIZE (5GB, 500MB, 200KB; default 5GB)",
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="replace --out if it exists (only once the export succeeded)"
+        "--overwrite",
+        action="store_true",
+        help="replace --out when it holds an earlier bigtx export (marked by .bigtx-export.json), once the new "
+        "export is complete; any other directory is never replaced",
     )
 
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 import bigtx
+from bigtx.config import sizes
 from bigtx.data.errors import DataError
 from bigtx.data.inputs import ReadStats, expand_inputs, iter_documents
 from bigtx.data.shards import ShardSetWriter, ids_dtype
@@ -33,17 +34,17 @@ SPLITS = ("train", "val")
 _CHUNK_BYTES = 1 << 20  # text per tokenization task
 _CHUNK_DOCS = 1024
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
-_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30})
+_SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")
+MIN_SHARD_SIZE = 4096
 
 
 def parse_size(text: str) -> int:
-    """``64MB`` -> 64_000_000; KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024; a bare number is bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise DataError(f"--shard-size: cannot read {text!r}; write e.g. 64MB, 512KiB or 1000000")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if size < 4096:
+    """``--shard-size`` in bytes (``64MB`` -> 64_000_000; see ``bigtx.config.sizes``); at least 4 KiB."""
+    try:
+        size = sizes.parse_size(text)
+    except ValueError as exc:
+        raise DataError(f"--shard-size: {exc}") from None
+    if size < MIN_SHARD_SIZE:
         raise DataError(f"--shard-size: {text!r} is below the 4 KiB minimum")
     return size
 
@@ -116,13 +117,73 @@ def _encoded(chunks, tokenizer: str, val_fraction: float, workers: int):
             yield (sources0, *res.get())
 
 
-def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+def _listed_files(out_dir: str) -> list[str] | None:
+    """The shard names the bigtx ``index.json`` of ``out_dir`` lists; None when there is no index.
+
+    Raises ``DataError`` for an ``index.json`` that is not bigtx's, or one that names a file bigtx
+    never writes (``--overwrite`` removes exactly the listed files, so the list must be trusted).
+    """
+    path = os.path.join(out_dir, INDEX_NAME)
+    if not os.path.lexists(path):
+        return None
+    refuse = f"--out: {path} is not a `bigtx data build` index"
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{refuse} ({exc}); refusing to replace it. Choose another --out") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("splits"), dict):
+        raise DataError(f'{refuse} (no "format": "{INDEX_FORMAT}"); refusing to replace it. Choose another --out')
+    try:
+        names = [shard["name"] for split in index["splits"].values() for shard in split["shards"]]
+    except (KeyError, TypeError):
+        raise DataError(f"{refuse} (its splits list no shards); refusing to replace it. Choose another --out") from None
+    strange = [n for n in names if not (isinstance(n, str) and _SHARD_NAME.fullmatch(n))]
+    if strange:
+        raise DataError(f"--out: {path} lists files bigtx does not write ({strange[:3]}); refusing to remove them")
+    return names
+
+
+def _is_build_file(name: str) -> bool:
+    """A name a build writes into its output directory."""
+    return name in (INDEX_NAME, INDEX_NAME + ".tmp") or _SHARD_NAME.fullmatch(name) is not None
+
+
+def _prepare_out_dir(out_dir: str, overwrite: bool, inputs: Sequence[str]) -> None:
+    """Make ``out_dir`` ready for a build; with ``overwrite``, remove the previous build's files.
+
+    Only the shards an existing bigtx ``index.json`` lists and that index are ever removed; any other
+    file is left alone. Refused (``DataError``): a file at ``out_dir``, shard-named files that no
+    index lists (an interrupted build or someone else's), a foreign ``index.json``, and an input
+    file that the build would remove or overwrite.
+    """
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out: {out_dir} is a file, not a directory")
     os.makedirs(out_dir, exist_ok=True)
-    ours = [n for n in os.listdir(out_dir) if n == INDEX_NAME or re.fullmatch(r"(train|val)-\d{6}\.tar", n)]
-    if ours and not overwrite:
-        raise DataError(f"--out: {out_dir} already holds shards or an index.json; pass --overwrite to replace them")
-    for name in ours:
-        os.remove(os.path.join(out_dir, name))
+    real_out = os.path.realpath(out_dir)
+    for path in inputs:
+        # the directory entry the input is read through, and the file it leads to
+        entry = os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
+        for where in (entry, os.path.realpath(path)):
+            if os.path.dirname(where) == real_out and _is_build_file(os.path.basename(where)):
+                raise DataError(f"--input {path}: is {where}, which this build would remove or overwrite")
+    listed = _listed_files(out_dir)
+    known = {*(listed or ()), INDEX_NAME}
+    unlisted = sorted(n for n in os.listdir(out_dir) if _is_build_file(n) and n not in known)
+    if unlisted:
+        raise DataError(
+            f"--out: {out_dir} holds {', '.join(unlisted[:5])}{', ...' if len(unlisted) > 5 else ''}, which no "
+            f"bigtx {INDEX_NAME} there lists (an interrupted build, or not bigtx's); refusing to remove or "
+            "overwrite them. Move them away or choose another --out"
+        )
+    if listed is None:
+        return
+    if not overwrite:
+        raise DataError(f"--out: {out_dir} already holds a build (its {INDEX_NAME}); pass --overwrite to replace it")
+    for name in [*listed, INDEX_NAME]:
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path):
+            os.remove(path)
 
 
 def tokenizer_record(tok: Tokenizer, spec: str) -> dict:
@@ -186,7 +247,7 @@ def build_shards(
         raise DataError(f"--val-fraction: {val_fraction} is not in [0, 1)")
     tok = load_tokenizer(tokenizer)
     files = expand_inputs(inputs)
-    _prepare_out_dir(out_dir, overwrite)
+    _prepare_out_dir(out_dir, overwrite, files)
     dtype = ids_dtype(tok.vocab_size)
     writers = {name: ShardSetWriter(out_dir, name, shard_size, dtype) for name in SPLITS}
     stats = ReadStats()

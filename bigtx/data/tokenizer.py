@@ -16,22 +16,25 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from bigtx.config.special_tokens import (
+    BYTE_EOS_ID,
+    BYTE_PAD_ID,
+    BYTE_VOCAB_SIZE,
+    EOS_NAMES,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    special_ids,
+)
 from bigtx.data.errors import DataError
-
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-# Names other tokenizers use for the same roles, tried in order when loading a foreign tokenizer.json.
-_EOS_NAMES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
-_PAD_NAMES = (PAD_TOKEN, "<pad>", "[PAD]")
 
 
 class ByteTokenizer:
     """UTF-8 bytes 0..255 plus EOS (256) and PAD (257); needs no training."""
 
     name = "byte"
-    vocab_size = 258
-    eos_id = 256
-    pad_id = 257
+    vocab_size = BYTE_VOCAB_SIZE
+    eos_id = BYTE_EOS_ID
+    pad_id = BYTE_PAD_ID
     # The hash depends only on the layout, so every copy of bigtx agrees on it.
     sha256 = hashlib.sha256(b"bigtx-byte-tokenizer:v1:bytes=256:eos=256:pad=257").hexdigest()
 
@@ -51,7 +54,7 @@ class ByteTokenizer:
                 continue
             out.append(run.decode("utf-8", errors="replace"))
             run = bytearray()
-            out.append({256: EOS_TOKEN, 257: PAD_TOKEN}.get(i, f"<|unk:{i}|>"))
+            out.append({BYTE_EOS_ID: EOS_TOKEN, BYTE_PAD_ID: PAD_TOKEN}.get(i, f"<|unk:{i}|>"))
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
@@ -71,15 +74,13 @@ class HFTokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
             raise DataError(f"data.tokenizer: {path} is not a valid tokenizer.json: {exc}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        eos = _first_id(self._tok, _EOS_NAMES)
+        eos, pad = special_ids(self._tok.token_to_id)
         if eos is None:
             raise DataError(
-                f"data.tokenizer: {path} has no end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
+                f"data.tokenizer: {path} has no end-of-text token (looked for {', '.join(EOS_NAMES)}); "
                 "train one with `bigtx tokenizer train`"
             )
-        self.eos_id = eos
-        pad = _first_id(self._tok, _PAD_NAMES)
-        self.pad_id = eos if pad is None else pad
+        self.eos_id, self.pad_id = eos, pad
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -93,14 +94,6 @@ class HFTokenizer:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
-
-
-def _first_id(tok, names: Sequence[str]) -> int | None:
-    for name in names:
-        i = tok.token_to_id(name)
-        if i is not None:
-            return i
-    return None
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -1,9 +1,9 @@
 """Read the full-precision weights of a bigtx model, one tensor at a time.
 
 A ``WeightSource`` names every tensor of a ``Transformer`` state dict with its shape and reads one
-tensor on request. Sources: a DeepSpeed checkpoint of any ZeRO stage, a universal checkpoint, a
-`bigtx export safetensors` directory and (through ``bigtx.export.importer``) a Hugging Face
-directory. ``open_source`` picks the right one for a path.
+tensor on request. This module reads DeepSpeed checkpoints of any ZeRO stage, universal checkpoints
+and `bigtx export safetensors` directories; ``bigtx.export.importer`` reads Hugging Face
+directories, and ``bigtx.export.sources.open_source`` picks the right reader for a path.
 
 What DeepSpeed writes, and where the fp32 master weights are (DeepSpeed 0.16-0.19):
 
@@ -28,7 +28,10 @@ What DeepSpeed writes, and where the fp32 master weights are (DeepSpeed 0.16-0.1
 - universal (``bigtx ckpt universal`` / ``checkpoint.to_universal``): ``zero/<name>/fp32.pt``.
 
 Checkpoint files are opened with ``mmap=True``: what is read is paged in on demand and nothing
-else (optimizer moments) is loaded.
+else (optimizer moments) is loaded. Universal ``fp32.pt`` files hold tensors only and are loaded with
+``weights_only=True``, which refuses any other pickled object. DeepSpeed's own engine files
+(``*_model_states.pt``, ``*_optim_states.pt``) pickle Python objects of DeepSpeed's and can only be
+unpickled in full: opening such a checkpoint runs code from it, so open only checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
+import re
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,52 +55,12 @@ from bigtx.checkpoint.store import (
     META,
     CheckpointError,
     read_meta,
-    resolve,
     verify,
 )
 from bigtx.config import RunSpec, SpecError, load_spec, validate_spec
 from bigtx.config.spec import ModelSection
-from bigtx.model import Transformer
+from bigtx.export.types import ExportError, WeightSource, expected_shapes
 from bigtx.model.weights import INDEX_FILE, SINGLE_FILE, SPEC_FILE, tensor_files
-
-
-class ExportError(ValueError):
-    """A path, option or model that cannot be exported or imported; the message says what to do."""
-
-
-@dataclass
-class WeightSource:
-    """The tensors of one bigtx model, read one at a time.
-
-    ``shapes`` lists every state-dict key of ``Transformer(spec.model)`` in its order; ``read(key)``
-    returns that tensor (fp32 for checkpoints; as stored for weight directories).
-    """
-
-    path: Path
-    spec: RunSpec
-    kind: str
-    shapes: dict[str, tuple[int, ...]]
-    read: Callable[[str], Tensor]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def tensors(self) -> Iterator[tuple[str, Tensor]]:
-        for key in self.shapes:
-            yield key, self.read(key)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """All tensors at once (for small models and tests)."""
-        return dict(self.tensors())
-
-    def describe(self) -> str:
-        step = f" step {self.meta['step']}" if "step" in self.meta else ""
-        return f"{self.path} ({self.kind}{step}, {self.spec.model.num_params():,} parameters)"
-
-
-def expected_shapes(cfg: ModelSection) -> dict[str, tuple[int, ...]]:
-    """State-dict keys and shapes of ``Transformer(cfg)``, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model_copy(update={"compile": False}))
-    return {key: tuple(t.shape) for key, t in model.state_dict().items()}
 
 
 def ordered_like_model(cfg: ModelSection, found: dict[str, tuple[int, ...]], where: Path) -> dict[str, tuple[int, ...]]:
@@ -157,16 +121,42 @@ def _deepspeed_quiet() -> Iterator[None]:
         yield
 
 
-def _load(file: Path) -> Any:
+def _load_deepspeed_pickle(file: Path) -> Any:
+    """One of DeepSpeed's engine files, unpickled in full.
+
+    These are DeepSpeed's pickles (optimizer wrappers, enums, argparse namespaces), which
+    ``weights_only=True`` refuses; unpickling them can run code, as any pickle can.
+    """
     try:
         return torch.load(file, map_location="cpu", mmap=True, weights_only=False)
     except Exception as exc:  # a truncated or foreign file: zip, pickle or mmap errors
         raise CheckpointError(f"{file}: cannot be read ({type(exc).__name__}: {exc})") from None
 
 
+def _load_tensors(file: Path) -> Any:
+    """A file of tensors (and plain containers and numbers), loaded with ``weights_only=True``.
+
+    Any other pickled object is refused without being built, so no code in the file runs.
+    """
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is a page of advice (including "load it with weights_only=False"); keep what it refused
+        refused = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\n|$)", str(exc))
+        raise CheckpointError(
+            f"{file}: holds pickled Python objects, not only tensors ({refused.group(1) if refused else exc}); "
+            "bigtx loads universal checkpoints with weights_only=True and does not unpickle them. "
+            "Recreate the universal checkpoint with `bigtx ckpt universal` from a checkpoint you trust"
+        ) from None
+    except Exception as exc:  # a truncated or foreign file: zip or mmap errors
+        raise CheckpointError(f"{file}: cannot be read ({type(exc).__name__}: {exc})") from None
+
+
 def _zero12_reader(path: Path) -> Reader:
     from deepspeed.utils import zero_to_fp32 as z
 
+    # zero_to_fp32 unpickles DeepSpeed's own *_model_states.pt and *_optim_states.pt in full
+    # (weights_only=False): they are DeepSpeed's pickles, not plain tensors
     with _deepspeed_quiet():
         states = z.parse_model_states(z.get_model_state_files(str(path)))
         stage, world, partitions, paddings = z.parse_optim_states(z.get_optim_files(str(path)), str(path))
@@ -201,13 +191,14 @@ def _zero12_reader(path: Path) -> Reader:
 def _zero3_reader(path: Path) -> Reader:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    # DeepSpeed's pickles, unpickled in full by zero_to_fp32 (see _zero12_reader)
     with _deepspeed_quiet():
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name, lazy_mode=True)
     return {k: tuple(v.shape) for k, v in lazy.items()}, lambda name: lazy[name].contiguous()
 
 
 def _stage0_reader(path: Path) -> Reader:
-    state = _load(path / "mp_rank_00_model_states.pt")
+    state = _load_deepspeed_pickle(path / "mp_rank_00_model_states.pt")
     module: dict[str, Tensor] = state["module"]
     optimizer = state.get("optimizer") or {}
     flats, per_param = optimizer.get("fp32_groups_flat"), optimizer.get("fp32_groups")
@@ -262,8 +253,14 @@ def _universal_reader(path: Path, cfg: ModelSection) -> Reader:
     names = sorted(p.name for p in zero.iterdir() if (p / "fp32.pt").is_file())
 
     def read(name: str) -> Tensor:
-        saved = _load(zero / name / "fp32.pt")
-        param = saved["param"] if isinstance(saved, dict) else saved
+        file = zero / name / "fp32.pt"
+        saved = _load_tensors(file)
+        param = saved.get("param") if isinstance(saved, dict) else saved
+        if not isinstance(param, Tensor):
+            raise CheckpointError(
+                f"{file}: expected a tensor or a dict with a 'param' tensor, found {type(saved).__name__}"
+                + (f" with keys {sorted(map(str, saved))[:6]}" if isinstance(saved, dict) else "")
+            )
         if param.numel() != math.prod(expected[name]):
             raise CheckpointError(f"{zero / name}: {param.numel()} values, the model's {name} has {expected[name]}")
         return param.view(expected[name])
@@ -271,7 +268,11 @@ def _universal_reader(path: Path, cfg: ModelSection) -> Reader:
     return {name: expected.get(name, ()) for name in names}, read
 
 
-def _checkpoint_source(path: Path) -> WeightSource:
+def checkpoint_source(path: Path) -> WeightSource:
+    """The fp32 master weights of the checkpoint directory ``path`` (any ZeRO stage, or universal).
+
+    Raises ``CheckpointError`` for an incomplete or damaged checkpoint or weights that do not fit its spec.
+    """
     meta = check_checkpoint(path)
     spec = spec_of(meta, path)
     stage = meta.get("zero_stage", spec.zero.stage)
@@ -287,7 +288,8 @@ def _checkpoint_source(path: Path) -> WeightSource:
     return WeightSource(path=path, spec=spec, kind=kind, shapes=shapes, read=read, meta=meta)
 
 
-def _weights_dir_source(path: Path) -> WeightSource:
+def weights_dir_source(path: Path) -> WeightSource:
+    """The weights of a `bigtx export safetensors`/`bigtx import hf` directory, as stored."""
     spec = load_spec(str(path / SPEC_FILE))
     files = tensor_files(path)
     found = {}
@@ -321,23 +323,3 @@ def is_weights_dir(path: Path) -> bool:
 
 def is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / SPEC_FILE).is_file()
-
-
-def open_source(path: str | Path, tag: str | None = None) -> WeightSource:
-    """The weights at ``path``: a run directory (newest checkpoint, or ``tag``), a checkpoint
-    directory (any ZeRO stage, or universal), a `bigtx export safetensors`/`bigtx import hf`
-    directory, or a Hugging Face Llama/GPT-2 directory.
-
-    Raises ``CheckpointError`` for a path or tag that names no checkpoint and for an incomplete or
-    damaged one, ``ExportError`` for a tag given with a weights directory or a directory of no known kind.
-    """
-    path = Path(path)
-    if path.is_dir() and not (path / "checkpoints").is_dir() and (is_weights_dir(path) or is_hf_dir(path)):
-        if tag is not None:
-            raise ExportError(f"--tag {tag}: {path} is a weights directory, not a run directory")
-        if is_weights_dir(path):
-            return _weights_dir_source(path)
-        from bigtx.export.importer import hf_source
-
-        return hf_source(path)
-    return _checkpoint_source(resolve(path, tag))

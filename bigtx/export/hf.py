@@ -27,17 +27,13 @@ from typing import Any
 import torch
 
 from bigtx.config.spec import ModelSection
-from bigtx.export.consolidate import ExportError, WeightSource, find_tokenizer_file
-from bigtx.export.safetensors_export import DTYPES, TensorJob, parse_size, staged_output, write_tensors
+from bigtx.config.special_tokens import EOS_TOKEN, PAD_TOKEN, special_ids
+from bigtx.export.consolidate import find_tokenizer_file
+from bigtx.export.output import staged_output
+from bigtx.export.types import DTYPES, ExportError, TensorJob, WeightSource
 from bigtx.export.weight_map import GPT2, LLAMA, WeightMap, combine, plan
+from bigtx.export.writer import export_dtype, max_shard_bytes, write_tensors
 from bigtx.model import Transformer, generate
-
-# The built-in byte tokenizer's layout (bigtx.data.tokenizer.ByteTokenizer, which bigtx.export may
-# not import): ids 0-255 are the bytes, then these two special tokens.
-BYTE_EOS, BYTE_PAD = "<|endoftext|>", "<|pad|>"
-# Names tokenizers use for end-of-text and padding, tried in order (as bigtx.data.tokenizer does).
-_EOS_NAMES = (BYTE_EOS, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
-_PAD_NAMES = (BYTE_PAD, "<pad>", "[PAD]")
 
 
 def hf_weight_map(cfg: ModelSection) -> WeightMap:
@@ -173,7 +169,8 @@ def byte_tokenizer() -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(BYTE_EOS, special=True), AddedToken(BYTE_PAD, special=True)])
+    # added after the 256 byte symbols, so they get the byte tokenizer's ids 256 and 257
+    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True), AddedToken(PAD_TOKEN, special=True)])
     return tok
 
 
@@ -196,8 +193,7 @@ def load_tokenizer(spec_tokenizer: str, near: Path, override: str | None = None)
                 "directory); pass --tokenizer PATH"
             )
         tok = Tokenizer.from_file(str(path))
-    eos = next((i for n in _EOS_NAMES if (i := tok.token_to_id(n)) is not None), None)
-    pad = next((i for n in _PAD_NAMES if (i := tok.token_to_id(n)) is not None), eos)
+    eos, pad = special_ids(tok.token_to_id)
     return tok, {"bos": None, "eos": eos, "pad": pad}
 
 
@@ -254,15 +250,17 @@ def export_hf(
     tokenizer: str | None = None,
     overwrite: bool = False,
 ) -> ExportReport:
-    """Write ``source`` as a Hugging Face model directory; see the module docstring for the mapping."""
+    """Write ``source`` as a Hugging Face model directory; see the module docstring for the mapping.
+
+    ``out`` must be new, empty or (with ``overwrite``) an earlier export (``bigtx.export.output``).
+    """
     from transformers import GenerationConfig
 
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    torch_dtype = export_dtype(dtype)
     t0 = time.perf_counter()
     cfg = source.spec.model
     wmap = hf_weight_map(cfg)
-    shard_bytes = parse_size(max_shard_size)
+    shard_bytes = max_shard_bytes(max_shard_size)
     tok, tokens = load_tokenizer(source.spec.data.tokenizer, source.path, tokenizer)
     notes = []
     n_tokens = tok.get_vocab_size(with_added_tokens=True)
@@ -270,8 +268,8 @@ def export_hf(
         raise ExportError(f"data.tokenizer: {n_tokens} tokens, more than model.vocab_size={cfg.vocab_size}")
     if tokens["eos"] is None:
         notes.append("the tokenizer has no end-of-text token; generation_config.json sets no eos_token_id")
-    with staged_output(out, overwrite) as tmp:
-        files = write_tensors(weight_jobs(source, wmap), tmp, DTYPES[dtype], shard_bytes)
+    with staged_output(out, overwrite, "hf", source.path) as tmp:
+        files = write_tensors(weight_jobs(source, wmap), tmp, torch_dtype, shard_bytes)
         config = hf_config(cfg, wmap, dtype, tokens)
         config.save_pretrained(str(tmp))
         GenerationConfig(

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from bigtx.config import SpecError, validate_spec
 from bigtx.config.spec import ModelSection
-from bigtx.export.consolidate import ExportError, WeightSource, expected_shapes
 from bigtx.export.safetensors_export import export_safetensors
+from bigtx.export.types import ExportError, WeightSource, expected_shapes
 from bigtx.export.weight_map import GPT2, LLAMA, Conversion, WeightMap, plan, split
 from bigtx.model.weights import tensor_files
 
@@ -176,7 +176,10 @@ def hf_source(path: Path) -> WeightSource:
 def import_hf(
     path: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5GB", overwrite: bool = False
 ) -> WeightSource:
-    """Write the Hugging Face model in ``path`` as a bigtx weights directory ``out``; returns the source."""
+    """Write the Hugging Face model in ``path`` as a bigtx weights directory ``out``; returns the source.
+
+    ``out`` must be new, empty or (with ``overwrite``) an earlier export, and never ``path`` itself.
+    """
     source = hf_source(path)
     export_safetensors(source, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
     return source

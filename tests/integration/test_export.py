@@ -19,10 +19,11 @@ import torch
 from safetensors import safe_open
 
 from bigtx.cli.main import main
-from bigtx.config import validate_spec
+from bigtx.config import spec_to_dict, validate_spec
 from bigtx.config.spec import ModelSection
 from bigtx.export import WeightSource, export_safetensors, hf_weight_map, open_source
-from bigtx.export.consolidate import expected_shapes
+from bigtx.export.output import MARKER
+from bigtx.export.types import expected_shapes
 from bigtx.export.weight_map import plan, split
 from bigtx.model import Transformer
 from bigtx.model.weights import load_weights, tensor_files
@@ -405,3 +406,169 @@ def test_generate_samples_reproducibly_and_refuses_too_long_prompts(
         ["generate", str(tmp_path / "weights"), "--prompt", "x" * 250, "--max-new-tokens", "9"], capsys
     )
     assert code == 2 and "exceeds model.max_seq_len=256" in err
+
+
+# --------------------------------------------------------------------------------------------
+# --out and --overwrite: an export replaces only an earlier export (no training needed).
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes), directory (None) and link (its target) under ``root``."""
+    out: dict[str, bytes | None] = {}
+    for p in sorted(root.rglob("*")):
+        key = str(p.relative_to(root))
+        out[key] = str(p.readlink()).encode() if p.is_symlink() else p.read_bytes() if p.is_file() else None
+    return out
+
+
+def fake_run(path: Path) -> Path:
+    """What a bigtx run directory holds, as far as the export's refusals are concerned."""
+    ckpt = path / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE.json").write_text('{"step": 2, "files": {}}')
+    (ckpt / "bigtx_meta.json").write_text("{}")
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"\x00weights")
+    (path / "checkpoints" / "newest").write_text("step_00000002\n")
+    (path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (path / "spec.yaml").write_text("run: {}\n")
+    (path / "tb").mkdir()
+    (path / "tb" / "events.out.tfevents.1").write_bytes(b"tb")
+    return path
+
+
+@pytest.mark.parametrize("command", ["export hf", "export safetensors", "import hf"])
+def test_out_that_is_not_an_earlier_export_is_refused_and_left_untouched(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = fake_run(tmp_path / "run")
+    if command == "import hf":
+        source = hf_dir(run, "llama")  # run/hf-llama
+    else:
+        source = run / "weights"
+        export_safetensors(memory_source(ModelSection(preset="tiny"), tmp_path), source)
+    other_run = fake_run(tmp_path / "other-run")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "index.json").write_text('{"format": "bigtx-shards"}')
+    (data / "train-000000.tar").write_bytes(b"shard")
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not an export")
+    (tmp_path / "link").symlink_to(source)
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    (forged / MARKER).write_text('{"format": "something-else", "files": []}')
+    (forged / "model.safetensors").write_bytes(b"x")
+    grown = tmp_path / "grown"  # an earlier export that someone has since added files to
+    export_safetensors(memory_source(ModelSection(preset="tiny"), tmp_path), grown)
+    (grown / "notes.txt").write_text("added later")
+    (grown / "checkpoints").mkdir()
+    monkeypatch.chdir(run)
+    cases = {
+        str(source): "is the source",
+        str(tmp_path / "link"): "is the source",  # a symlink to it
+        f"../{run.name}/./{source.name}": "is the source",  # a relative path to it
+        str(run): "contains the source",  # the run directory that holds it
+        str(tmp_path): "contains the source",
+        str(run / "checkpoints" / "step_00000002" / "hf"): "is inside the checkpoint",
+        str(other_run): "not written by bigtx export (no .bigtx-export.json); it looks like a bigtx run directory",
+        str(data): "it looks like a `bigtx data build` directory (it holds index.json)",
+        str(tmp_path / "file"): "is a file, not a directory",
+        str(tmp_path / "mine"): "was not written by bigtx export",
+        str(forged): "was not written by bigtx export",
+        str(grown): "holds files bigtx export did not write (checkpoints, notes.txt)",
+    }
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    for out, message in cases.items():
+        for overwrite in ([], ["--overwrite"]):
+            code, _, err = run_cli([*command.split(), str(source), "--out", out, *overwrite], capsys)
+            assert code == 2 and err.startswith(f"bigtx: error: --out {Path(out)}: "), (out, err)
+            assert message in err, (out, err)
+    assert snapshot(tmp_path) == before  # nothing deleted, changed or left half-written
+
+
+def test_overwrite_replaces_an_earlier_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights = tmp_path / "weights"
+    export_safetensors(memory_source(ModelSection(preset="tiny"), tmp_path), weights)
+    out = tmp_path / "out"
+    out.mkdir()  # an empty directory is fine without --overwrite
+    code, _, err = run_cli(["export", "safetensors", str(weights), "--out", str(out), "--dtype", "bf16"], capsys)
+    assert code == 0, err
+    marker = json.loads((out / MARKER).read_text())
+    assert (marker["format"], marker["kind"], marker["source"]) == ("bigtx-export", "safetensors", str(weights))
+    assert marker["files"] == ["model.safetensors", "spec.yaml"] and marker["written_by"].startswith("bigtx ")
+    assert (out / MARKER).stat().st_mode & 0o777 == 0o644
+
+    code, _, err = run_cli(["export", "hf", str(weights), "--out", str(out)], capsys)
+    assert code == 2 and "holds an earlier export (safetensors of" in err and "pass --overwrite" in err
+    assert json.loads((out / MARKER).read_text()) == marker
+    for _ in range(2):  # an hf export replaces the safetensors one, then an earlier hf export
+        code, _, err = run_cli(["export", "hf", str(weights), "--out", str(out), "--overwrite"], capsys)
+        assert code == 0, err
+        marker = json.loads((out / MARKER).read_text())
+        assert marker["kind"] == "hf" and "config.json" in marker["files"] and "spec.yaml" not in marker["files"]
+        assert sorted(p.name for p in out.iterdir()) == sorted([*marker["files"], MARKER])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "weights"]  # no temporary directories left
+
+
+# --------------------------------------------------------------------------------------------
+# Universal checkpoints are read with weights_only=True.
+
+
+class _OpensAFile:
+    """Unpickling this calls open(path, "w"): a stand-in for any code a pickle can run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.path), "w"))
+
+
+def fake_universal(path: Path, cfg: ModelSection) -> dict[str, torch.Tensor]:
+    """A universal checkpoint as `bigtx ckpt universal` writes it: zero/<name>/fp32.pt per tensor."""
+    spec = validate_spec({"model": cfg.model_dump(), "train": {"max_steps": 1000}, "data": {"tokenizer": "byte"}})
+    tensors = {k: torch.randn(shape) for k, shape in expected_shapes(cfg).items()}
+    for key, tensor in tensors.items():
+        (path / "zero" / key).mkdir(parents=True)
+        torch.save({"param": tensor, "cat_dim": 0}, path / "zero" / key / "fp32.pt")
+    (path / "bigtx_meta.json").write_text(json.dumps({"step": 4, "zero_stage": 1, "spec": spec_to_dict(spec)}))
+    (path / "COMPLETE.json").write_text('{"step": 4, "files": {}}')
+    return tensors
+
+
+def test_universal_checkpoint_with_pickled_objects_is_refused_without_running_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "step_00000004"
+    tensors = fake_universal(ckpt, ModelSection(preset="tiny"))
+    code, stdout, err = run_cli(["export", "safetensors", str(ckpt), "--out", str(tmp_path / "good")], capsys)
+    assert code == 0 and "universal checkpoint" in stdout, err
+    exported = open_source(tmp_path / "good").state_dict()
+    assert all(torch.equal(exported[k], t) for k, t in tensors.items())
+
+    flag = tmp_path / "code-ran"
+    target = ckpt / "zero" / "embed.weight" / "fp32.pt"
+    torch.save({"param": _OpensAFile(flag), "cat_dim": 0}, target)
+    torch.load(target, weights_only=False)  # the payload is live: a full unpickle runs it
+    assert flag.exists()
+    flag.unlink()
+    hostile = {
+        "holds pickled Python objects, not only tensors (Unsupported global: GLOBAL io.open)": None,
+        "expected a tensor or a dict with a 'param' tensor, found list": [1, 2],
+        "expected a tensor or a dict with a 'param' tensor, found dict with keys ['cat_dim', 'weights']": {
+            "weights": torch.zeros(3),
+            "cat_dim": 0,
+        },
+        "cannot be read": b"truncated",
+    }
+    for message, content in hostile.items():
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        elif content is not None:
+            torch.save(content, target)
+        code, _, err = run_cli(["export", "hf", str(ckpt), "--out", str(tmp_path / "out")], capsys)
+        assert code == 2 and f"{target}: {message}" in err, err
+        assert "Traceback" not in err and not (tmp_path / "out").exists()
+        assert not flag.exists()

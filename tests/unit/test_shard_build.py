@@ -203,3 +203,118 @@ def test_cli_help_runs_as_a_subprocess():
     for cmd in (["data", "build"], ["data", "inspect"], ["tokenizer", "train"]):
         res = subprocess.run([bigtx, *cmd, "--help"], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0 and "usage: bigtx" in res.stdout
+
+
+# --- what --overwrite may remove --------------------------------------------------------------------
+
+
+def snapshot(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def build_small(inputs, out, **kw):
+    return build_shards([str(i) for i in inputs], "byte", str(out), val_fraction=0, progress=False, **kw)
+
+
+def test_overwrite_replaces_the_previous_build_and_nothing_else(tmp_path):
+    make_inputs(tmp_path / "in")
+    out = tmp_path / "ds"
+    first = build_small([tmp_path / "in"], out, shard_size=4096)
+    assert len(first["splits"]["train"]["shards"]) > 3
+    others = {"notes.txt": b"mine", "train-1.tar": b"not a shard name", "val-000001.tar.bak": b"backup"}
+    for name, data in others.items():
+        (out / name).write_bytes(data)
+    (out / "sub").mkdir()
+    (out / "sub" / "train-000000.tar").write_bytes(b"nested, not ours")
+    second = build_small([tmp_path / "in" / "j.jsonl"], out, shard_size=1 << 20, overwrite=True)
+    assert [s["name"] for s in second["splits"]["train"]["shards"]] == ["train-000000.tar"]
+    shards = {p.name for p in out.glob("*-0*.tar")}
+    assert shards == {"train-000000.tar"}  # the first build's extra shards are gone
+    for name, data in others.items():
+        assert (out / name).read_bytes() == data
+    assert (out / "sub" / "train-000000.tar").read_bytes() == b"nested, not ours"
+    assert json.loads((out / "index.json").read_text())["stats"]["documents"] == 30
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_shard_named_files_no_index_lists_are_never_removed(tmp_path, overwrite):
+    make_inputs(tmp_path / "in")
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "val-000003.tar").write_bytes(b"someone else's tar")  # or an interrupted build: no index yet
+    before = snapshot(out)
+    with pytest.raises(DataError, match=r"holds val-000003\.tar, which no bigtx index\.json there lists"):
+        build_small([tmp_path / "in"], out, overwrite=overwrite)
+    assert snapshot(out) == before
+    # beside a bigtx index that does not list it
+    (out / "val-000003.tar").unlink()
+    build_small([tmp_path / "in" / "j.jsonl"], out)
+    (out / "train-000042.tar").write_bytes(b"not listed")
+    before = snapshot(out)
+    with pytest.raises(DataError, match=r"holds train-000042\.tar, which no bigtx index\.json there lists"):
+        build_small([tmp_path / "in"], out, overwrite=overwrite)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    "index, match",
+    [
+        (b'{"format": "something-else", "splits": {}}', r'index\.json is not a `bigtx data build` index \(no "format"'),
+        (b"not json at all", r"index\.json is not a `bigtx data build` index \(Expecting value"),
+        (b"\xff\xfe binary", r"index\.json is not a `bigtx data build` index"),
+        (b'{"format": "bigtx-shards", "splits": {"train": {}}}', r"its splits list no shards"),
+        (b'{"format": "bigtx-shards", "splits": {"train": {"shards": [{"name": "../keep.txt"}]}}}', "lists files"),
+        (b'{"format": "bigtx-shards", "splits": {"train": {"shards": [{"name": "notes.txt"}]}}}', "lists files"),
+    ],
+)
+def test_a_foreign_or_hostile_index_is_refused_and_nothing_is_removed(tmp_path, index, match):
+    make_inputs(tmp_path / "in")
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "index.json").write_bytes(index)
+    (out / "notes.txt").write_text("mine")
+    (tmp_path / "keep.txt").write_text("outside")
+    before, outside = snapshot(out), (tmp_path / "keep.txt").read_bytes()
+    with pytest.raises(DataError, match=match):
+        build_small([tmp_path / "in"], out, overwrite=True)
+    assert snapshot(out) == before and (tmp_path / "keep.txt").read_bytes() == outside
+
+
+def test_inputs_the_build_would_replace_are_refused(tmp_path):
+    make_inputs(tmp_path / "in")
+    out = tmp_path / "in"  # building into the input directory itself is fine ...
+    build_small([tmp_path / "in" / "j.jsonl"], out)
+    before = snapshot(out)
+    # ... but not reading the previous build's files while --overwrite removes them
+    with pytest.raises(DataError, match=r"--input .*/in/index\.json: is .*, which this build would remove"):
+        build_small([tmp_path / "in"], out, overwrite=True)
+    with pytest.raises(DataError, match=r"--input .*train-000000\.tar: is .*, which this build would remove"):
+        build_small([tmp_path / "in" / "train-*.tar"], out, overwrite=True)
+    with pytest.raises(DataError, match=r"index\.json: is .*index\.json, which this build would remove"):
+        build_small([tmp_path / "in" / "index.json"], out, overwrite=True)
+    # nor through a link that leads there
+    (tmp_path / "link.txt").symlink_to(out / "index.json")
+    with pytest.raises(DataError, match=r"link\.txt: is .*index\.json, which this build would remove"):
+        build_small([tmp_path / "link.txt"], tmp_path / "in", overwrite=True)
+    assert snapshot(out) == before
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    make_inputs(tmp_path / "in")
+    (tmp_path / "ds").write_text("a file")
+    with pytest.raises(DataError, match=r"^--out: .*ds is a file, not a directory$"):
+        build_small([tmp_path / "in"], tmp_path / "ds", overwrite=True)
+    assert (tmp_path / "ds").read_text() == "a file"
+
+
+def test_cli_refuses_to_remove_files_it_did_not_write(tmp_path, capsys):
+    make_inputs(tmp_path / "in")
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"precious")
+    args = ["data", "build", "--input", str(tmp_path / "in"), "--tokenizer", "byte", "--out", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--workers", "1", "--overwrite", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("bigtx: error: --out: ") and "refusing to remove" in err
+    assert (out / "train-000000.tar").read_bytes() == b"precious" and not (out / "index.json").exists()

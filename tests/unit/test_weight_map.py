@@ -10,9 +10,9 @@ import torch
 from bigtx.config import validate_spec
 from bigtx.config.spec import ModelSection
 from bigtx.export import ExportError, WeightSource, export_hf, hf_weight_map, verify_hf_export
-from bigtx.export.consolidate import expected_shapes
-from bigtx.export.safetensors_export import TensorJob, parse_size, plan_shards
+from bigtx.export.types import TensorJob, expected_shapes
 from bigtx.export.weight_map import GPT2, LLAMA, combine, plan, split
+from bigtx.export.writer import convert, max_shard_bytes, plan_shards
 from bigtx.model import Transformer
 
 LLAMA_CASES = {
@@ -160,12 +160,12 @@ def test_every_problem_is_listed_at_once() -> None:
 # Shards and sizes.
 
 
-def test_parse_size_and_shard_plan() -> None:
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("200KB") == 200_000 and parse_size("2GiB") == 2 * 2**30
-    assert parse_size("1000") == 1000
-    for bad in ("5XB", "", "-1GB", "0"):
-        with pytest.raises(ExportError, match="max-shard-size"):
-            parse_size(bad)
+def test_max_shard_size_and_shard_plan() -> None:
+    assert max_shard_bytes("5GB") == 5 * 10**9 and max_shard_bytes("200KB") == 200_000
+    assert max_shard_bytes("2GiB") == 2 * 2**30 and max_shard_bytes("1000") == 1000 and max_shard_bytes("1") == 1
+    for bad, why in (("5XB", "cannot read '5XB'"), ("", "cannot read ''"), ("-1GB", "cannot read"), ("0", "positive")):
+        with pytest.raises(ExportError, match=f"^--max-shard-size.*{why}"):
+            max_shard_bytes(bad)
     jobs = [TensorJob(str(i), (n,), lambda: torch.zeros(1)) for i, n in enumerate([10, 10, 30, 5, 5])]
     assert [[j.key for j in s] for s in plan_shards(jobs, 4, 80)] == [["0", "1"], ["2"], ["3", "4"]]
     assert len(plan_shards(jobs, 4, 10**9)) == 1
@@ -211,9 +211,7 @@ def test_byte_tokenizer_equals_bigtx_byte_tokenizer(tmp_path: Path) -> None:
 
 
 def test_fp16_export_refuses_values_beyond_its_range() -> None:
-    from bigtx.export.safetensors_export import _convert
-
     job = TensorJob("w", (2,), lambda: torch.tensor([1.0, 1e6]))
-    assert _convert(job, torch.bfloat16).dtype == torch.bfloat16
+    assert convert(job, torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ExportError, match="beyond fp16's range"):
-        _convert(job, torch.float16)
+        convert(job, torch.float16)
