@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from bigtx.config.loading import shipped_dir
 from bigtx.config.spec import RunSpec
 
 # Large enough that DeepSpeed never prints its own per-step lines; bigtx logs the metrics.
@@ -21,9 +22,9 @@ _QUIET_STEPS = 2**31 - 1
 
 
 def ds_configs_dir() -> Path:
-    """Where named base configs live: $BIGTX_DS_CONFIGS, else the source tree's ds_configs/."""
+    """Where named base configs live: $BIGTX_DS_CONFIGS, else the ds_configs/ shipped with bigtx."""
     env = os.environ.get("BIGTX_DS_CONFIGS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "ds_configs"
+    return Path(env) if env else shipped_dir("ds_configs")
 
 
 def resolve_base_path(base: str) -> Path:
@@ -35,8 +36,11 @@ def resolve_base_path(base: str) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    names = sorted(p.stem for p in ds_configs_dir().glob("*.json"))
-    raise ValueError(f"deepspeed.base: {base!r} not found; name one of {names} or give a path to a JSON file")
+    folder = ds_configs_dir()
+    names = sorted(p.stem for p in folder.glob("*.json"))
+    raise ValueError(
+        f"deepspeed.base: {base!r} not found; name one of {names} (the files in {folder}) or give a path to a JSON file"
+    )
 
 
 def _load_base(base: str | None) -> tuple[dict[str, Any], str]:

@@ -36,6 +36,19 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in files if p.name.endswith(".yaml"))
 
 
+def shipped_dir(name: str) -> Path:
+    """The folder ``name`` (``ds_configs``, ``launchers``) that ships with bigtx.
+
+    An installed wheel has it inside the package (pyproject.toml maps the top-level folder there); a
+    source checkout, installed editable or not, has it next to the ``bigtx`` package. The folders are
+    found by path, not imported: setuptools' editable finder cannot import a data-only package that is
+    mapped to a folder outside ``bigtx/``.
+    """
+    package = Path(__file__).resolve().parents[1]
+    installed = package / name
+    return installed if installed.is_dir() else package.parent / name
+
+
 def _read_yaml(text: str, source: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)

@@ -19,6 +19,7 @@ from typing import Literal
 import yaml
 
 from bigtx.config import RunSpec, spec_to_dict
+from bigtx.config.loading import shipped_dir
 
 MODES = ("srun", "deepspeed")
 _FIELD = re.compile(r"\{\{(\w+)\}\}")
@@ -27,13 +28,9 @@ _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_GRACE = 65535
 
 
-def launchers_dir() -> Path:
-    """The source tree's ``launchers/`` (next to the ``bigtx`` package)."""
-    return Path(__file__).resolve().parents[2] / "launchers"
-
-
 def default_template() -> Path:
-    return launchers_dir() / "slurm" / "bigtx.sbatch.tmpl"
+    """The sbatch template shipped with bigtx (``launchers/slurm/`` of the checkout, or of the wheel)."""
+    return shipped_dir("launchers") / "slurm" / "bigtx.sbatch.tmpl"
 
 
 @dataclass
