@@ -139,7 +139,9 @@ def _every_group_has_the_timeout(rank: int, world: int) -> None:
     assert len(groups) >= 2
     for group in groups:
         assert group._get_backend(torch.device("cpu")).options._timeout == timedelta(seconds=37)
-    # what NCCL groups would get (the CPU build has no NCCL to make one with)
+    # what new NCCL groups would get (this CPU build of torch has no NCCL to make one with; there the
+    # variable is None until bigtx sets it, and torch falls back to the gloo default)
+    assert c10d.default_pg_nccl_timeout == timedelta(seconds=37)
     assert c10d._get_default_timeout(c10d.Backend.NCCL) == timedelta(seconds=37)
 
 
