@@ -105,6 +105,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
         time.sleep(interval)
 
 
+def kill_after(run: Run, path: Path) -> None:
+    """SIGKILL every rank as soon as ``path`` exists (freezing them first so they cannot run on)."""
+    wait_until(lambda: path.exists() or all(p.poll() is not None for p in run.procs), 120, f"{path}")
+    for p in run.procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGSTOP)
+    run.kill(signal.SIGKILL)
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
