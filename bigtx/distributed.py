@@ -12,18 +12,24 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from types import FrameType
 
 import torch
+
+from bigtx import lifetime
 
 # `bigtx train` exit codes; the launchers requeue on EXIT_REQUEUE (EX_TEMPFAIL from sysexits.h).
 EXIT_FINISHED = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_REQUEUE = 75
+# A stop signal came, but no step boundary (where the rank could checkpoint) within the grace period.
+EXIT_STOP_TIMEOUT = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -89,13 +95,21 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
 
 
 def timeout() -> timedelta:
-    """Collective timeout: a dead peer turns into an error after this, never a hang."""
-    return timedelta(seconds=float(os.environ.get("BIGTX_DIST_TIMEOUT_S", "600")))
+    """Collective timeout ($BIGTX_DIST_TIMEOUT_S, default 600): a dead peer becomes an error, never a hang."""
+    return timedelta(seconds=lifetime.seconds_from_env("BIGTX_DIST_TIMEOUT_S", "600"))
 
 
 def init(env: DistEnv) -> None:
-    """Start the process group (gloo on CPU, NCCL on GPUs) through DeepSpeed."""
+    """Start the process group (gloo on CPU, NCCL on GPUs) through DeepSpeed.
+
+    A rank started by a launcher is tied to it: if the launcher dies, the rank gets SIGTERM (and
+    so checkpoints at the next step boundary, or leaves after the grace period) instead of running
+    on as an orphan that holds the rendezvous port.
+    """
     import deepspeed
+
+    if env.launcher != "single":
+        lifetime.die_with_parent(signal.SIGTERM)
 
     os.environ.update(
         RANK=str(env.rank),
@@ -104,11 +118,13 @@ def init(env: DistEnv) -> None:
         MASTER_ADDR=env.master_addr,
         MASTER_PORT=str(env.master_port),
     )
-    # DeepSpeed builds its own groups with new_group(), which take torch's default timeout (30 min),
-    # not the one passed here: a frozen peer would hang the job for half an hour.
+    # DeepSpeed builds its own groups with new_group(), which take torch's default timeout (30 min
+    # for gloo, 10 min for NCCL), not the one passed here: a frozen peer would hang the job for that
+    # long. new_group() reads these two module globals (checked against torch 2.5-2.13).
     import torch.distributed.distributed_c10d as c10d
 
     c10d.default_pg_timeout = timeout()
+    c10d.default_pg_nccl_timeout = timeout()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
@@ -140,29 +156,83 @@ def device(env: DistEnv) -> torch.device:
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGUSR1/SIGINT into a flag the loop polls; a second SIGINT exits at once.
+    """Turns SIGTERM/SIGUSR1/SIGINT into a flag the loop polls, with a deadline for reaching it.
 
     SLURM sends SIGUSR1 (``--signal``) or SIGTERM before a time limit or preemption. The flag is
-    reduced across ranks every step, so all ranks stop at the same step boundary.
+    reduced across ranks every step, so all ranks stop at the same step boundary and checkpoint;
+    the loop calls ``acknowledge()`` there. A rank that does not get there within ``grace_s``
+    seconds of the first signal (stuck in a read, a collective or a loop) leaves anyway: it ends
+    its child processes and exits with ``EXIT_STOP_TIMEOUT``, without a checkpoint. The same
+    SIGTERM or SIGINT a second time exits at once (128 + the signal's number). A Ctrl-C in a terminal
+    reaches the ranks and DeepSpeed's launcher, which then sends SIGTERM: one of each still means
+    "checkpoint and stop".
+
+    Python runs signal handlers only between bytecodes of the main thread, so a rank blocked in C
+    (a socket read, a gloo collective) would never see the flag. The C-level handler also writes
+    the signal number to a wakeup pipe (``signal.set_wakeup_fd``); a watcher thread reads it and
+    starts the deadline whatever the main thread is doing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
         self.signal_name: str | None = None
-        self._sigints = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        self._counts: dict[signal.Signals, int] = {}
+        self._lock = threading.Lock()
+        self._acknowledged = threading.Event()
+        self._timer: threading.Timer | None = None
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read_fd,), name="bigtx-stop-watch", daemon=True).start()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT:
-            self._sigints += 1
-            if self._sigints > 1:
-                print("bigtx: second SIGINT, exiting now without a checkpoint", file=sys.stderr, flush=True)
-                os._exit(130)
-        self.signal_name = signal.Signals(signum).name
+        # the watcher thread has already counted this signal and armed the deadline
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    def _watch(self, read_fd: int) -> None:
+        while True:
+            for signum in os.read(read_fd, 64):
+                if signum in STOP_SIGNALS:
+                    self._received(signal.Signals(signum))
+
+    def _received(self, sig: signal.Signals) -> None:
+        with self._lock:
+            self._counts[sig] = self._counts.get(sig, 0) + 1
+            self.signal_name = self.signal_name or sig.name
+            if self._counts[sig] > 1 and sig != signal.SIGUSR1:
+                _leave(f"second {sig.name}: exiting now without a checkpoint", 128 + int(sig))
+            if self._timer is None:
+                self._timer = threading.Timer(self.grace_s, self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _expire(self) -> None:
+        if not self._acknowledged.is_set():
+            _leave(
+                f"{self.signal_name} received {self.grace_s:g}s ago and no step boundary reached "
+                f"(stuck in data loading, a collective or a loop?); exiting with {EXIT_STOP_TIMEOUT} "
+                "without a checkpoint (BIGTX_STOP_GRACE_S sets the grace period)",
+                EXIT_STOP_TIMEOUT,
+            )
+
+    def acknowledge(self) -> None:
+        """The loop has reached the step boundary where it saves and exits: no deadline any more."""
+        self._acknowledged.set()
+        if self._timer is not None:
+            self._timer.cancel()
 
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+
+def _leave(message: str, code: int) -> None:
+    """Exit now from any thread: say why, end this rank's children (loader workers, pipes), skip teardown."""
+    print(f"bigtx rank {os.environ.get('RANK', '0')}: {message}", file=sys.stderr, flush=True)
+    lifetime.kill_children()
+    os._exit(code)
 
 
 def device_of_backend() -> torch.device:
@@ -170,35 +240,3 @@ def device_of_backend() -> torch.device:
     import torch.distributed as dist
 
     return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def spawn_local(
-    cmd: list[str],
-    nproc: int,
-    env: dict[str, str] | None = None,
-    logs: list[Path] | None = None,
-    cwd: Path | None = None,
-) -> list[subprocess.Popen]:
-    """Start ``nproc`` local ranks of ``cmd`` with the variables torchrun would set (gloo/NCCL on 127.0.0.1).
-
-    Each rank writes to its own log file when ``logs`` is given. Used by the benchmarks and tests
-    that need to signal or kill single ranks; users run ``bigtx launch local`` or ``deepspeed``.
-    """
-    port = free_port()
-    procs = []
-    for rank in range(nproc):
-        rank_env = {
-            **os.environ,
-            **(env or {}),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(nproc),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(nproc),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        out = logs[rank].open("w") if logs else None
-        procs.append(
-            subprocess.Popen(cmd, env=rank_env, stdout=out, stderr=subprocess.STDOUT if out else None, cwd=cwd)
-        )
-    return procs

@@ -1,8 +1,9 @@
 """The main job: ``bigtx train SPEC`` (also ``python -m bigtx.train SPEC`` and ``deepspeed -m bigtx.train SPEC``).
 
-Read top to bottom: check everything that can be checked before a process group exists, build
-spec -> process group -> model -> DeepSpeed engine -> data, resume if there is a checkpoint, then
-the loop: step, log, evaluate, checkpoint, stop.
+Read top to bottom: ``main`` checks everything that can be checked before a process group exists;
+``train`` starts the process group, plans the resume (``bigtx.checkpoint.resume``), ``build``s model,
+DeepSpeed engine and data, ``restore``s a checkpoint if there is one and hands over to ``fit``, the
+loop: ``train_step``, one collective, log, evaluate, checkpoint, stop.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ import torch.distributed as dist
 import yaml
 
 import bigtx
-from bigtx import checkpoint, distributed
-from bigtx.checkpoint.resume import find_resume_point, prepare_run_dir
+from bigtx import checkpoint, distributed, lifetime
+from bigtx.checkpoint.resume import FINISHED, ResumePlan, plan_resume
 from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.data import DataError, build_loader, check_data
@@ -57,9 +58,9 @@ class Progress:
 
 
 def preflight(spec: RunSpec, env: DistEnv) -> dict[str, Any]:
-    """Validate what depends on the world size and the data; returns the DeepSpeed config.
+    """Validate what depends on the world size, the environment and the data; returns the DeepSpeed config.
 
-    Raises ``SpecError``/``DataError``/``ValueError`` with a message naming the field.
+    Raises ``SpecError``/``DataError``/``ValueError`` with a message naming the field or variable.
     """
     try:
         ds_config = derive_deepspeed_config(spec, env.world_size)
@@ -67,6 +68,8 @@ def preflight(spec: RunSpec, env: DistEnv) -> dict[str, Any]:
         raise SpecError([str(exc)]) from None
     if spec.data.train is None:
         raise SpecError(["data.train: no training data; give a `bigtx data build` directory or shard pattern"])
+    distributed.timeout()
+    lifetime.stop_grace()
     check_data(spec.data, spec.model.vocab_size)
     return ds_config
 
@@ -95,25 +98,38 @@ def setup_logging(run_dir: Path, env: DistEnv, ds_level: str) -> None:
 # Small helpers the loop uses.
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """One collective for several scalars (a CPU-GPU sync point on GPUs)."""
-    t = torch.tensor(values, dtype=torch.float64)
+def all_reduce_sum(values: torch.Tensor) -> list[float]:
+    """Sum a small float64 vector over the ranks and bring it to the host: one collective, and on
+    GPUs the step's one CPU-GPU sync point."""
     if dist.get_world_size() > 1:
-        t = t.to(distributed.device_of_backend())
-        dist.all_reduce(t)
-    return t.cpu().tolist()
+        values = values.to(distributed.device_of_backend())
+        dist.all_reduce(values)
+    return values.cpu().tolist()
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states of this rank as plain data and tensors (loadable with ``weights_only=True``)."""
+    version, keys, gauss = random.getstate()
+    _, mt, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(keys), gauss],
+        "numpy": {"keys": mt.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": cached},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore ``rng_state()``'s result (also the tuple form of checkpoints from bigtx 0.1)."""
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        keys = np.asarray(saved["keys"], dtype=np.uint32)
+        saved = ("MT19937", keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+    np.random.set_state(saved)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -132,174 +148,44 @@ def memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-@torch.no_grad()
-def evaluate(engine: Any, val_loader: Any, n_batches: int, device: torch.device) -> float | None:
-    """Mean validation loss over up to ``n_batches`` micro-batches per rank, or None without data.
-
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
-    """
-    batches = list(islice(iter(val_loader), n_batches)) if val_loader is not None else []
-    n = torch.tensor([len(batches)], dtype=torch.int64)
-    if dist.get_world_size() > 1:
-        n = n.to(distributed.device_of_backend())
-        dist.all_reduce(n, op=dist.ReduceOp.MIN)
-    n_common = int(n.item())
-    if n_common == 0:
-        return None
-    engine.eval()
-    total = 0.0
-    for x, y in batches[:n_common]:
-        total += engine(x.to(device), y.to(device)).float().item()
-    engine.train()
-    summed, count = all_reduce_sum([total, float(n_common)])
-    return summed / count
-
-
-def save_checkpoint(
-    engine: Any, spec: RunSpec, env: DistEnv, progress: Progress, train_loader: Any, group_names: list[list[str]]
-) -> Path:
-    ckpt_root = Path(spec.run.dir) / "checkpoints"
-    rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(), "rank": env.rank}
-    meta = {
-        "step": progress.step,
-        "tokens": progress.tokens,
-        "world_size": env.world_size,
-        "zero_stage": spec.zero.stage,
-        "spec": spec_to_dict(spec),
-        "spec_hash": spec_hash(spec),
-        "bigtx_version": bigtx.__version__,
-        # which parameters each optimizer group holds, in order: ZeRO-0 checkpoints store the fp32
-        # master weights as one flat tensor per group, and the exporter needs this to cut them up
-        "param_groups": group_names,
-    }
-    t0 = time.perf_counter()
-    path = checkpoint.save(engine, ckpt_root, progress.step, rank_state, meta)
-    if env.is_main:
-        for old in checkpoint.apply_retention(ckpt_root, spec.checkpoint.keep_last, spec.checkpoint.keep_every):
-            log.info("retention: removed %s", old.name)
-    log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
-    return path
-
-
-def needs_universal(meta: dict[str, Any], spec: RunSpec, env: DistEnv) -> bool:
-    """Whether the checkpoint's ZeRO partitions must be re-sharded to load here.
-
-    ZeRO-0 keeps the whole optimizer state on every rank, so it loads at any world size as it is.
-    """
-    same_stage = meta["zero_stage"] == spec.zero.stage
-    return not (same_stage and (meta["world_size"] == env.world_size or spec.zero.stage == 0))
-
-
-def resume(engine: Any, path: Path, spec: RunSpec, env: DistEnv, train_loader: Any) -> Progress:
-    """Load engine, data position and RNG state of ``path``; re-shard through the universal format
-    when the world size or ZeRO stage changed."""
-    meta = checkpoint.read_meta(path)
-    source = path.parent / "universal" / path.name if needs_universal(meta, spec, env) else path
-    engine.load_checkpoint(str(source.parent), tag=source.name, load_lr_scheduler_states=False)
-    if meta["world_size"] == env.world_size:
-        state = torch.load(checkpoint.rank_file(path, env.rank), weights_only=False)
-        train_loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-    else:
-        old_states = [
-            torch.load(checkpoint.rank_file(path, r), weights_only=False)["loader"] for r in range(meta["world_size"])
-        ]
-        train_loader.load_resharded_state(old_states)
-        seed_everything(spec.run.seed + meta["step"], env.rank)
-    log.info("resumed from %s at step %d (%d tokens seen)", path, meta["step"], meta["tokens"])
-    return Progress(step=meta["step"], tokens=meta["tokens"])
-
-
-def check_resume_spec(path: Path, spec: RunSpec, env: DistEnv) -> bool:
-    """Refuse spec changes that break continuation; True when re-sharding is needed."""
-    meta = checkpoint.read_meta(path)
-    warnings, refusals = checkpoint.spec_changes(meta["spec"], spec_to_dict(spec))
-    if refusals:
-        raise SpecError(
-            [f"{line}  (cannot change when resuming from {path})" for line in refusals]
-            + ["fix: restore these fields, or start a new run (new run.dir, or checkpoint.resume=none)"]
-        )
-    for line in warnings:
-        log.warning("spec changed since the checkpoint: %s", line)
-    if meta["world_size"] != env.world_size:
-        log.warning(
-            "checkpoint %s was written by %d rank(s); this run has %d", path, meta["world_size"], env.world_size
-        )
-    reshard = needs_universal(meta, spec, env)
-    if reshard:
-        if meta["zero_stage"] == 0:
-            raise SpecError(
-                [
-                    f"zero.stage: {path} was written at ZeRO-0, which cannot be re-sharded to ZeRO-"
-                    f"{spec.zero.stage}; resume at zero.stage=0"
-                ]
-            )
-        log.warning(
-            "re-sharding through DeepSpeed's universal checkpoint format (ZeRO-%d x %d ranks -> ZeRO-%d x %d)",
-            meta["zero_stage"],
-            meta["world_size"],
-            spec.zero.stage,
-            env.world_size,
-        )
-    return reshard
-
-
-def write_run_files(run_dir: Path, spec: RunSpec, ds_config: dict[str, Any], env: DistEnv, hosts: list[str]) -> None:
-    header = (
-        f"# Resolved run spec, written by bigtx {bigtx.__version__}. `bigtx train {run_dir / 'spec.yaml'}` reruns it.\n"
-    )
-    ds_lines = "".join(f"# {line}\n" for line in json.dumps(ds_config, indent=2).splitlines())
-    (run_dir / "spec.yaml").write_text(
-        header
-        + yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
-        + f"\n# DeepSpeed config derived from this spec for world size {env.world_size}:\n"
-        + ds_lines
-    )
-    log.info("ranks on hosts: %s", ", ".join(f"{r}:{h}" for r, h in enumerate(hosts)))
-
-
 # --------------------------------------------------------------------------------------------
-# The run.
+# Building and restoring.
 
 
-def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
+@dataclass
+class Job:
+    """Everything ``fit`` works with: the engine, the data and the sizes derived from the spec."""
+
+    spec: RunSpec
+    env: DistEnv
+    engine: Any
+    train_loader: Any
+    val_loader: Any | None
+    group_names: list[list[str]]  # parameter names per optimizer group, for the exporter
+    accum: int
+    global_batch: int
+    total_steps: int
+    device: torch.device
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.spec.data.seq_len
+
+    def close(self) -> None:
+        """Stop the loaders' worker processes."""
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
+
+def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePlan) -> Job:
+    """Model (identical initial weights on every rank, from run.seed), DeepSpeed engine, loaders."""
     import deepspeed
 
-    run_dir = Path(spec.run.dir)
-    ckpt_root = run_dir / "checkpoints"
-    setup_logging(run_dir, env, spec.deepspeed.log_level)
-    distributed.init(env)
-    device = distributed.device(env)
-    if spec.precision == "fp16" and distributed.allow_emulated_fp16():
-        log.warning("this CPU has no native fp16 kernels: fp16 runs emulated (slow); bf16 is the fast choice here")
-    hosts: list[Any] = [None] * env.world_size
-    dist.all_gather_object(hosts, socket.gethostname())
-
-    finished = run_dir / "FINISHED"
-    if finished.exists() and spec.checkpoint.resume == "auto":
-        done = int(finished.read_text().split()[1])
-        if done >= spec.total_steps(env.world_size):
-            log.info("%s is marked FINISHED at step %d; nothing to do", run_dir, done)
-            return EXIT_FINISHED
-        log.info("%s finished at step %d; continuing to step %d", run_dir, done, spec.total_steps(env.world_size))
-    # every rank checks (so all refuse alike); only rank 0 deletes
-    prepare_run_dir(run_dir, spec.checkpoint.resume, spec.checkpoint.overwrite, env.is_main)
-    dist.barrier()
-    if env.is_main:
-        finished.unlink(missing_ok=True)
-    start = find_resume_point(ckpt_root, spec.checkpoint.resume, env.is_main)
-    reshard = check_resume_spec(start, spec, env) if start else False
-    if reshard:
-        if env.is_main:
-            checkpoint.to_universal(start)
-        dist.barrier()
-        ds_config = derive_deepspeed_config(spec, env.world_size, load_universal=True)
-
-    # Model: identical initial weights on every rank, from run.seed.
     seed_everything(spec.run.seed, env.rank)
     model = Transformer(spec.model)
     model.init_weights(spec.run.seed)
-    if spec.model.init_from and start is None:
+    if spec.model.init_from and plan.checkpoint is None:
         from bigtx.model.weights import load_weights
 
         load_weights(model, spec.model.init_from)
@@ -309,10 +195,8 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
     groups = param_groups(model, spec.optim)
     names = {id(p): name for name, p in model.named_parameters()}
     group_names = [[names[id(p)] for p in group["params"]] for group in groups]
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     micro, accum, global_batch = spec.batch_sizes(env.world_size)
-    tokens_per_step = global_batch * spec.data.seq_len
-    total_steps = spec.total_steps(env.world_size)
 
     loader_args = dict(
         seq_len=spec.data.seq_len,
@@ -328,120 +212,300 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
     except DataError as exc:
         log.warning("no validation: %s", exc)
         val_loader = None
+    return Job(
+        spec,
+        env,
+        engine,
+        train_loader,
+        val_loader,
+        group_names,
+        accum,
+        global_batch,
+        spec.total_steps(env.world_size),
+        distributed.device(env),
+    )
 
-    progress = resume(engine, start, spec, env, train_loader) if start else Progress()
+
+def restore(job: Job, plan: ResumePlan) -> tuple[Progress, LogWindow]:
+    """Load engine, data position and RNG state of the planned checkpoint; returns the progress and
+    the metrics window saved with it."""
+    path, meta, env = plan.checkpoint, plan.meta, job.env
+    assert path is not None
+    job.engine.load_checkpoint(str(plan.load_dir.parent), tag=plan.load_dir.name, load_lr_scheduler_states=False)
+    if meta["world_size"] == env.world_size:
+        state = checkpoint.load_rank_state(path, env.rank)
+        job.train_loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+    else:
+        old = [checkpoint.load_rank_state(path, r)["loader"] for r in range(meta["world_size"])]
+        job.train_loader.load_resharded_state(old)
+        seed_everything(job.spec.run.seed + meta["step"], env.rank)
+    log.info("resumed from %s at step %d (%d tokens seen)", path, meta["step"], meta["tokens"])
+    return Progress(step=meta["step"], tokens=meta["tokens"]), LogWindow.restored(meta.get("log_window", {}))
+
+
+def save_checkpoint(job: Job, progress: Progress, window: LogWindow) -> Path:
+    spec, env = job.spec, job.env
+    ckpt_root = Path(spec.run.dir) / "checkpoints"
+    rank_state = {"loader": job.train_loader.state_dict(), "rng": rng_state(), "rank": env.rank}
+    meta = {
+        "step": progress.step,
+        "tokens": progress.tokens,
+        "world_size": env.world_size,
+        "zero_stage": spec.zero.stage,
+        "spec": spec_to_dict(spec),
+        "spec_hash": spec_hash(spec),
+        "bigtx_version": bigtx.__version__,
+        # which parameters each optimizer group holds, in order: ZeRO-0 checkpoints store the fp32
+        # master weights as one flat tensor per group, and the exporter needs this to cut them up
+        "param_groups": job.group_names,
+        # so that the first logged loss after a resume averages the same steps as without one
+        "log_window": window.saved(),
+    }
+    t0 = time.perf_counter()
+    path = checkpoint.save(job.engine, ckpt_root, progress.step, rank_state, meta)
     if env.is_main:
-        write_run_files(run_dir, spec, ds_config, env, hosts)
-        log.info(
-            "training %s: %s parameters, %d rank(s), ZeRO-%d, %s, global batch %d x %d tokens, steps %d -> %d",
-            spec.run.name,
-            f"{spec.model.num_params():,}",
-            env.world_size,
-            spec.zero.stage,
-            spec.precision,
-            global_batch,
-            spec.data.seq_len,
-            progress.step,
-            total_steps,
-        )
-    metrics = MetricsLogger(run_dir, env.is_main, progress.step)
+        for old in checkpoint.apply_retention(ckpt_root, spec.checkpoint.keep_last, spec.checkpoint.keep_every):
+            log.info("retention: removed %s", old.name)
+    log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
+    return path
+
+
+def announce(job: Job, ds_config: dict[str, Any], hosts: list[str], progress: Progress) -> None:
+    """Rank 0: write RUN_DIR/spec.yaml (with the derived DeepSpeed config) and say what is trained."""
+    spec, env = job.spec, job.env
+    run_dir = Path(spec.run.dir)
+    header = (
+        f"# Resolved run spec, written by bigtx {bigtx.__version__}. `bigtx train {run_dir / 'spec.yaml'}` reruns it.\n"
+    )
+    ds_lines = "".join(f"# {line}\n" for line in json.dumps(ds_config, indent=2).splitlines())
+    (run_dir / "spec.yaml").write_text(
+        header
+        + yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+        + f"\n# DeepSpeed config derived from this spec for world size {env.world_size}:\n"
+        + ds_lines
+    )
+    log.info("ranks on hosts: %s", ", ".join(f"{r}:{h}" for r, h in enumerate(hosts)))
+    log.info(
+        "training %s: %s parameters, %d rank(s), ZeRO-%d, %s, global batch %d x %d tokens, steps %d -> %d",
+        spec.run.name,
+        f"{spec.model.num_params():,}",
+        env.world_size,
+        spec.zero.stage,
+        spec.precision,
+        job.global_batch,
+        spec.data.seq_len,
+        progress.step,
+        job.total_steps,
+    )
+
+
+def open_metrics(job: Job, progress: Progress) -> MetricsLogger:
+    """metrics.jsonl and TensorBoard (rank 0), cut back to ``progress``; a new run records its spec."""
+    spec = job.spec
+    metrics = MetricsLogger(Path(spec.run.dir), job.env.is_main, progress.step)
     if progress.step == 0:
-        metrics.log_spec(
-            spec_to_dict(spec),
-            {
-                "params": spec.model.num_params(),
-                "world_size": env.world_size,
-                "precision": spec.precision,
-                "zero_stage": spec.zero.stage,
-                "lr": spec.optim.lr,
-                "global_batch": global_batch,
-            },
-        )
-    stop = distributed.StopRequest()
-    bar = None
-    if env.is_main and spec.train.progress_bar:
-        from tqdm import tqdm
+        hparams = {
+            "params": spec.model.num_params(),
+            "world_size": job.env.world_size,
+            "precision": spec.precision,
+            "zero_stage": spec.zero.stage,
+            "lr": spec.optim.lr,
+            "global_batch": job.global_batch,
+        }
+        metrics.log_spec(spec_to_dict(spec), hparams)
+    return metrics
 
-        bar = tqdm(total=total_steps, initial=progress.step, unit="step", dynamic_ncols=True, mininterval=1.0)
 
-    flops_per_token = spec.model.flops_per_token(spec.data.seq_len)
-    peak = peak_tflops(torch.cuda.get_device_name(env.local_rank)) if torch.cuda.is_available() else None
-    batches: Iterator = iter(train_loader)
-    last_save_time = time.monotonic()
-    last_saved_step = progress.step if start else -1
-    window = {"time": 0.0, "data": 0.0, "tokens": 0, "steps": 0}
+# --------------------------------------------------------------------------------------------
+# The loop.
 
-    while progress.step < total_steps:
-        # ---- one optimizer step: accum micro-batches; DeepSpeed accumulates and clips
-        lr = lr_at(progress.step, total_steps, spec.optim, spec.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over the step's micro-batches: float64, on the device
+    data_wait: float  # seconds spent waiting for batches
+
+
+def train_step(job: Job, batches: Iterator, lr: float) -> StepResult:
+    """One optimizer step: ``accum`` micro-batches, DeepSpeed accumulates, clips and steps.
+
+    The loss stays on the device (no CPU-GPU sync per micro-batch); it is summed in float64 so the
+    value equals the sum of the micro-batch losses as Python floats.
+    """
+    engine = job.engine
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), dtype=torch.float64, device=job.device)
+    data_wait = 0.0
+    for _ in range(job.accum):
+        t_data = time.perf_counter()
+        x, y = next(batches)
+        data_wait += time.perf_counter() - t_data
+        loss = engine(x.to(job.device), y.to(job.device))
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().double()
+    return StepResult(loss_sum / job.accum, data_wait)
+
+
+@dataclass
+class LogWindow:
+    """Sums over the steps since the last metrics line, which reports their means.
+
+    Only the loss part is saved with a checkpoint: times measured by a process that has since died
+    are not carried over (``timed`` counts the steps this process measured).
+    """
+
+    loss: float = 0.0
+    steps: int = 0
+    timed: int = 0
+    time: float = 0.0
+    data: float = 0.0
+    tokens: int = 0
+
+    def add(self, loss: float, step_time: float, data_wait: float, tokens: int) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.timed += 1
+        self.time += step_time
+        self.data += data_wait
+        self.tokens += tokens
+
+    def saved(self) -> dict[str, Any]:
+        return {"loss": self.loss, "steps": self.steps}
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any]) -> LogWindow:
+        return cls(loss=float(saved.get("loss", 0.0)), steps=int(saved.get("steps", 0)))
+
+
+def metrics_record(job: Job, progress: Progress, window: LogWindow, loss_step: float, lr: float) -> dict[str, Any]:
+    """One line of metrics.jsonl: ``loss`` is the mean over the steps since the previous line (as
+    every peer logs it), ``loss_step`` this step's; times and throughput are window means too."""
+    engine, spec = job.engine, job.spec
+    tokens_per_s = window.tokens / window.time
+    tflops = spec.model.flops_per_token(spec.data.seq_len) * tokens_per_s / job.env.world_size / 1e12
+    peak = peak_tflops(torch.cuda.get_device_name(job.env.local_rank)) if torch.cuda.is_available() else None
+    grad_norm = engine.get_global_grad_norm()
+    stats = job.train_loader.stats()
+    record = {
+        "step": progress.step,
+        "loss": window.loss / window.steps,
+        "loss_step": loss_step,
+        "lr": lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "tokens": progress.tokens,
+        "tokens_per_s": tokens_per_s,
+        "step_time_s": window.time / window.timed,
+        "data_wait_s": window.data / window.timed,
+        "tflops": tflops,
+        "mfu": tflops / peak if peak else None,
+        "mem_gb": memory_gb(),
+        "loss_scale": getattr(engine.optimizer, "cur_scale", None) if spec.precision == "fp16" else None,
+        "skipped_steps": engine.skipped_steps,
+        "bad_shards": stats["bad_shards"],
+    }
+    if len(stats["source_tokens"]) > 1:
+        # the mixture as realised by this rank's readers (token shares per source, in data.train's
+        # order), next to the weights asked for: with data.on_error=skip, lost shards show here
+        total = max(sum(stats["source_tokens"]), 1)
+        record["source_shares"] = [t / total for t in stats["source_tokens"]]
+    return record
+
+
+@torch.no_grad()
+def evaluate(job: Job) -> float | None:
+    """Mean validation loss over up to ``train.eval_batches`` micro-batches per rank, or None without data.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
+    The loader is closed afterwards, so no worker process outlives the evaluation.
+    """
+    loader = job.val_loader
+    try:
+        batches = list(islice(iter(loader), job.spec.train.eval_batches)) if loader is not None else []
+    finally:
+        if loader is not None:
+            loader.close()
+    n = torch.tensor([len(batches)], dtype=torch.int64)
+    if dist.get_world_size() > 1:
+        n = n.to(distributed.device_of_backend())
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    n_common = int(n.item())
+    if n_common == 0:
+        return None
+    job.engine.eval()
+    total = torch.zeros((), dtype=torch.float64, device=job.device)
+    for x, y in batches[:n_common]:
+        total += job.engine(x.to(job.device), y.to(job.device)).double()
+    job.engine.train()
+    summed, count = all_reduce_sum(torch.stack([total, total.new_tensor(float(n_common))]))
+    return summed / count
+
+
+def log_eval(metrics: MetricsLogger, step: int, val_loss: float | None) -> None:
+    if val_loss is not None:
+        metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+
+
+def due(step: int, every: int) -> bool:
+    """Whether a cadence of ``every`` steps (0: never) falls on ``step``."""
+    return every > 0 and step % every == 0
+
+
+@dataclass
+class SaveClock:
+    """When the last checkpoint was written: for ``checkpoint.every_minutes`` and the save at the end."""
+
+    step: int
+    time: float = field(default_factory=time.monotonic)
+
+    def mark(self, step: int) -> None:
+        self.step, self.time = step, time.monotonic()
+
+    def minutes_due(self, minutes: float) -> bool:
+        return minutes > 0 and time.monotonic() - self.time >= 60 * minutes
+
+
+def reduce_step(
+    job: Job, result: StepResult, stop: distributed.StopRequest, saved: SaveClock
+) -> tuple[float, bool, bool]:
+    """The step's one collective: (global mean loss, whether any rank must stop, whether any rank's
+    save clock ran out). Every rank gets the same answer, so all stop or save at the same step."""
+    flags = [float(stop.requested), float(saved.minutes_due(job.spec.checkpoint.every_minutes))]
+    votes = torch.cat([result.loss.view(1), torch.tensor(flags, dtype=torch.float64).to(job.device)])
+    loss_sum, stop_votes, time_votes = all_reduce_sum(votes)
+    return loss_sum / job.env.world_size, stop_votes > 0, time_votes > 0
+
+
+def fit(job: Job, progress: Progress, window: LogWindow, stop: distributed.StopRequest, metrics: MetricsLogger) -> int:
+    """Train from ``progress`` to the last step; returns the exit code."""
+    spec, total = job.spec, job.total_steps
+    bar = ProgressBar(job, progress)
+    batches = iter(job.train_loader)
+    saved = SaveClock(progress.step)
+    while progress.step < total:
+        lr = lr_at(progress.step, total, spec.optim, spec.schedule)
         t_step = time.perf_counter()
-        data_wait, loss_sum = 0.0, 0.0
-        for _ in range(accum):
-            t_data = time.perf_counter()
-            x, y = next(batches)
-            data_wait += time.perf_counter() - t_data
-            loss = engine(x.to(device), y.to(device))
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float().item()
+        result = train_step(job, batches, lr)
         progress.step += 1
-        progress.tokens += tokens_per_step
-
-        # ---- one collective per step: the global mean loss, and whether any rank must stop or save
-        minutes_due = (
-            spec.checkpoint.every_minutes and time.monotonic() - last_save_time >= 60 * spec.checkpoint.every_minutes
-        )
-        loss_total, stop_votes, time_votes = all_reduce_sum(
-            [loss_sum / accum, float(stop.requested), float(bool(minutes_due))]
-        )
-        loss_mean = loss_total / env.world_size
-        step_time = time.perf_counter() - t_step
-        window["time"] += step_time
-        window["data"] += data_wait
-        window["tokens"] += tokens_per_step
-        window["steps"] += 1
-        if not math.isfinite(loss_mean):
-            log.error("step %d: loss is %s; stopping (lower optim.lr or use bf16)", progress.step, loss_mean)
+        progress.tokens += job.tokens_per_step
+        loss, stopping, save_due = reduce_step(job, result, stop, saved)
+        if not math.isfinite(loss):
+            log.error("step %d: loss is %s; stopping (lower optim.lr or use bf16)", progress.step, loss)
             return EXIT_ERROR
-
-        if progress.step % spec.train.log_every == 0 or progress.step == total_steps:
-            tokens_per_s = window["tokens"] / window["time"]
-            tflops = flops_per_token * tokens_per_s / env.world_size / 1e12
-            grad_norm = engine.get_global_grad_norm()
-            record = {
-                "step": progress.step,
-                "loss": loss_mean,
-                "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens": progress.tokens,
-                "tokens_per_s": tokens_per_s,
-                "step_time_s": window["time"] / window["steps"],
-                "data_wait_s": window["data"] / window["steps"],
-                "tflops": tflops,
-                "mfu": tflops / peak if peak else None,
-                "mem_gb": memory_gb(),
-                "loss_scale": getattr(engine.optimizer, "cur_scale", None) if spec.precision == "fp16" else None,
-                "skipped_steps": engine.skipped_steps,
-                "bad_shards": train_loader.stats()["bad_shards"],
-            }
-            metrics.log(record)
-            window = {"time": 0.0, "data": 0.0, "tokens": 0, "steps": 0}
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}", refresh=False)
-            bar.update(1)
-
-        if spec.train.eval_every and progress.step % spec.train.eval_every == 0 and progress.step < total_steps:
-            val_loss = evaluate(engine, val_loader, spec.train.eval_batches, device)
-            if val_loss is not None:
-                metrics.log({"step": progress.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-
-        stopping = stop_votes > 0
-        every = spec.checkpoint.every_steps
-        if stopping or time_votes > 0 or (every and progress.step % every == 0):
-            save_checkpoint(engine, spec, env, progress, train_loader, group_names)
-            last_save_time, last_saved_step = time.monotonic(), progress.step
+        window.add(loss, time.perf_counter() - t_step, result.data_wait, job.tokens_per_step)
+        if due(progress.step, spec.train.log_every) or progress.step == total:
+            metrics.log(metrics_record(job, progress, window, loss, lr))
+            window = LogWindow()
+        bar.update(loss)
+        if stopping:
+            stop.acknowledge()  # from here the rank saves and leaves: no grace deadline
+        elif due(progress.step, spec.train.eval_every) and progress.step < total:
+            log_eval(metrics, progress.step, evaluate(job))
+        if stopping or save_due or due(progress.step, spec.checkpoint.every_steps):
+            save_checkpoint(job, progress, window)
+            saved.mark(progress.step)
         if stopping:
             log.warning(
                 "stop requested (%s): checkpointed at step %d, exiting with %d so the launcher requeues",
@@ -449,24 +513,82 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
                 progress.step,
                 EXIT_REQUEUE,
             )
-            metrics.close()
             return EXIT_REQUEUE
+    bar.close()
+    return finish(job, progress, window, metrics, saved)
 
-    if bar is not None:
-        bar.close()
-    val_loss = evaluate(engine, val_loader, spec.train.eval_batches, device)
+
+def finish(job: Job, progress: Progress, window: LogWindow, metrics: MetricsLogger, saved: SaveClock) -> int:
+    """After the last step: final evaluation, final checkpoint, the FINISHED marker."""
+    run_dir = Path(job.spec.run.dir)
+    val_loss = evaluate(job)
+    log_eval(metrics, progress.step, val_loss)
     if val_loss is not None:
-        metrics.log({"step": progress.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
         log.info("final validation loss %.4f (perplexity %.2f)", val_loss, math.exp(min(val_loss, 50)))
-    if spec.checkpoint.save_at_end and last_saved_step != progress.step:
-        save_checkpoint(engine, spec, env, progress, train_loader, group_names)
-    metrics.close()
-    if env.is_main:
-        (run_dir / "FINISHED").write_text(f"step {progress.step}\n")
-        log.info(
-            "finished at step %d; TensorBoard: tensorboard --logdir %s --host 127.0.0.1", progress.step, run_dir / "tb"
-        )
+    if job.spec.checkpoint.save_at_end and saved.step != progress.step:
+        save_checkpoint(job, progress, window)
+    if job.env.is_main:
+        (run_dir / FINISHED).write_text(f"step {progress.step}\n")
+        tb = run_dir / "tb"
+        log.info("finished at step %d; TensorBoard: tensorboard --logdir %s --host 127.0.0.1", progress.step, tb)
     return EXIT_FINISHED
+
+
+class ProgressBar:
+    """tqdm on rank 0 when ``train.progress_bar``; does nothing otherwise."""
+
+    def __init__(self, job: Job, progress: Progress) -> None:
+        self._bar = None
+        if job.env.is_main and job.spec.train.progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=job.total_steps, initial=progress.step, unit="step", dynamic_ncols=True, mininterval=1.0
+            )
+
+    def update(self, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The run.
+
+
+def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
+    """Start the process group, plan the resume, build, restore and fit; returns the exit code."""
+    run_dir = Path(spec.run.dir)
+    stop = distributed.StopRequest(lifetime.stop_grace())
+    setup_logging(run_dir, env, spec.deepspeed.log_level)
+    distributed.init(env)
+    if spec.precision == "fp16" and distributed.allow_emulated_fp16():
+        log.warning("this CPU has no native fp16 kernels: fp16 runs emulated (slow); bf16 is the fast choice here")
+    hosts: list[Any] = [None] * env.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+
+    total = spec.total_steps(env.world_size)
+    plan = plan_resume(run_dir, spec_to_dict(spec), world_size=env.world_size, total_steps=total, is_main=env.is_main)
+    if plan.finished:
+        return EXIT_FINISHED
+    if plan.reshard:
+        ds_config = derive_deepspeed_config(spec, env.world_size, load_universal=True)
+    job = build(spec, env, ds_config, plan)
+    try:
+        progress, window = restore(job, plan) if plan.checkpoint is not None else (Progress(), LogWindow())
+        if env.is_main:
+            announce(job, ds_config, hosts, progress)
+        metrics = open_metrics(job, progress)
+        try:
+            return fit(job, progress, window, stop, metrics)
+        finally:
+            metrics.close()
+    finally:
+        job.close()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -478,7 +600,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code (0 finished, 2 bad input, 75 requeue, 1 error)."""
+    """Entry point; returns the process exit code (0 finished, 2 bad input, 75 requeue, 1 error,
+    143 stop signal without reaching a step boundary)."""
     args = parse_args(argv)
     env = distributed.detect()
     try:

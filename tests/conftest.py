@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, base_env, corpus_files
+from tests.harness import build_byte_shards, stray_processes
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """After the whole suite: no rank, launcher or loader worker that a test started is still running
+    (an orphan holds memory and, on rank 0, the rendezvous port the next run needs)."""
+    start = time.time()
+    yield
+    deadline = time.monotonic() + 10  # processes told to stop at the very end get a moment
+    while (strays := stray_processes(start)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not strays, "processes left running by the test suite:\n" + "\n".join(strays)
 
 
 @pytest.fixture(scope="session")
 def byte_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards of real text (stdlib sources) with the built-in byte tokenizer, via `bigtx data build`."""
-    out = tmp_path_factory.mktemp("shards") / "byte"
-    cmd = [sys.executable, "-m", "bigtx", "data", "build", "--input", *map(str, corpus_files()),
-           "--tokenizer", "byte", "--out", str(out), "--shard-size", "200KB", "--val-fraction", "0.1"]
-    subprocess.run(cmd, check=True, env=base_env(), cwd=REPO, capture_output=True)
-    return out
+    return build_byte_shards(tmp_path_factory.mktemp("shards") / "byte")
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bigtx.distributed import spawn_local
+from local_ranks import spawn_local
 
 
 def dir_bytes(path: Path) -> int:

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bigtx.distributed import spawn_local
+from local_ranks import spawn_local
 
 MODEL = [
     "model.d_model=256",

@@ -21,8 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,34 @@ def step_of(path: Path) -> int:
 
 def rank_file(path: Path, rank: int) -> Path:
     return path / f"bigtx_rank{rank:05d}.pt"
+
+
+def load_rank_state(path: Path, rank: int) -> dict[str, Any]:
+    """One rank's data-loader position and RNG states, loaded with ``weights_only=True``: plain
+    Python and tensors, no code runs. Checkpoints of bigtx 0.1 stored numpy's RNG state as an array;
+    for those numpy's array reconstruction (and nothing else) is allowed as well."""
+    file = rank_file(path, rank)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        import numpy as np
+
+        try:
+            from numpy._core.multiarray import _reconstruct  # numpy >= 2
+        except ImportError:
+            from numpy.core.multiarray import _reconstruct
+
+        allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(
+                f"{file}: not a bigtx rank state: it holds Python objects other than plain data and tensors, "
+                "which bigtx refuses to unpickle"
+            ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{file}: cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -247,26 +278,33 @@ def apply_retention(ckpt_root: Path, keep_last: int, keep_every: int) -> list[Pa
 
 
 def to_universal(path: Path, out: Path | None = None) -> Path:
-    """Convert a checkpoint to DeepSpeed's universal format (world-size independent) with DeepSpeed's converter."""
-    import argparse
-
-    from deepspeed.checkpoint import ds_to_universal
-
+    """Convert a checkpoint to DeepSpeed's universal format (world-size independent) with DeepSpeed's
+    converter, run through its command-line entry point (``python -m deepspeed.checkpoint.ds_to_universal``,
+    options checked against DeepSpeed 0.16-0.19). Raises ``CheckpointError`` with the converter's output."""
     out = out or path.parent / "universal" / path.name
     if (out / COMPLETE).is_file():
         return out
     if out.exists():
         shutil.rmtree(out)
-    args = argparse.Namespace(
-        input_folder=str(path),
-        output_folder=str(out),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,
-    )
-    ds_to_universal.main(args)
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(path),
+        "--output_folder",
+        str(out),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+        "--inject_missing_state",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise CheckpointError(f"{path}: DeepSpeed's universal converter failed (exit {done.returncode}):\n{tail}")
     for name in (META,):
         shutil.copy2(path / name, out / name)
     for f in path.glob("bigtx_rank*.pt"):

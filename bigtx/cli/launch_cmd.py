@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bigtx import lifetime
 from bigtx.cli.common import UserError, spec_from_args
 from bigtx.config import RunSpec, add_spec_args
 from bigtx.config.deepspeed_config import derive_deepspeed_config
@@ -67,6 +68,7 @@ def _slurm(args: argparse.Namespace) -> int:
 def _local(args: argparse.Namespace) -> int:
     _checked_spec(args, args.nproc)
     try:
+        grace = lifetime.stop_grace()
         cmd = local.local_command(
             args.spec,
             args.overrides,
@@ -80,7 +82,7 @@ def _local(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(cmd))
         return 0
-    return local.run(cmd)
+    return local.run(cmd, grace)
 
 
 def _add_slurm(lsub: argparse._SubParsersAction) -> None:

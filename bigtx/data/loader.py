@@ -57,6 +57,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -64,6 +66,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bigtx import lifetime
 from bigtx.data.errors import DataError
 from bigtx.data.packing import Packer, to_batch
 from bigtx.data.sources import Source, check_sources, check_tokenizer, split_sources
@@ -144,6 +147,7 @@ class _ReaderDataset(IterableDataset):
 
     def __init__(self, cfg: LoaderConfig, states: list[dict | None], phase: int):
         self.cfg, self.states, self.phase = cfg, states, phase
+        self.owner = os.getpid()  # the rank the workers serve
 
     def __iter__(self):
         info = get_worker_info()
@@ -153,6 +157,24 @@ class _ReaderDataset(IterableDataset):
 
 def _identity(item):
     return item
+
+
+def _worker_init(worker_id: int) -> None:
+    # A worker ends with the rank it serves, however the rank ends (SIGKILL, os._exit): its parent is
+    # the fork server, which in turn lives as long as any worker does, so watch the rank itself.
+    lifetime.die_with_parent()
+    lifetime.exit_with(get_worker_info().dataset.owner)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers start from a fork server, not by forking the rank: a forked worker would inherit the
+    rank's sockets (the process group's listening store among them) and keep the port after the
+    rank is gone. The server preloads the loader's imports, so a worker starts in milliseconds."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def _export_reader(snapshot: dict | None) -> dict | None:
@@ -228,6 +250,8 @@ class TokenLoader:
             batch_size=None,
             num_workers=self.cfg.num_workers,
             collate_fn=_identity,
+            worker_init_fn=_worker_init,
+            multiprocessing_context=_worker_context(),
         )
         it = iter(loader)
         try:

@@ -3,14 +3,13 @@ and a change of world size."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Run, metrics, start, tiny_overrides, train, train_records, wait_until
+from tests.harness import kill_after, metrics, start, tiny_overrides, train, train_records, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +22,6 @@ def same_steps(a: Path, b: Path, steps: range) -> None:
     for step in steps:
         for key in ("loss", "grad_norm", "lr"):
             assert ra[step][key] == rb[step][key], f"step {step} {key}: {ra[step][key]!r} != {rb[step][key]!r}"
-
-
-def kill_after(run: Run, path: Path) -> None:
-    """SIGKILL every rank as soon as ``path`` exists (freezing them first so they cannot run on)."""
-    wait_until(lambda: path.exists() or all(p.poll() is not None for p in run.procs), 120, f"{path}")
-    for p in run.procs:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGSTOP)
-    run.kill(signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, base_env, deepspeed_launch, free_port, metrics, tiny_overrides, train, train_records
+from tests.harness import (
+    REPO,
+    base_env,
+    deepspeed_launch,
+    free_port,
+    kill_after,
+    metrics,
+    start,
+    tiny_overrides,
+    train,
+    train_records,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +48,11 @@ def test_loss_goes_down(tmp_path: Path, byte_shards: Path, extra: list[str]) -> 
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last < first - 0.5, f"loss did not fall: first5={first:.3f} last5={last:.3f}"
     if "precision=fp16" in extra:
+        # dynamic loss scaling from 2**16 with hysteresis 2 and no growth within 30 steps: the first
+        # overflow only spends the hysteresis, every later one halves the scale; each skips its step
         record = train_records(run_dir)[30]
-        assert record["loss_scale"] is not None and record["skipped_steps"] >= 0
+        skipped = record["skipped_steps"]
+        assert record["loss_scale"] == 2.0**16 / 2 ** max(0, skipped - 1), record
 
 
 def assert_same_curves(tmp_path: Path, shards: Path, variants: dict[str, list[str]], rel: float) -> None:
@@ -89,6 +103,7 @@ def test_metrics_tensorboard_and_run_dir(tmp_path: Path, byte_shards: Path) -> N
     required = {
         "step",
         "loss",
+        "loss_step",
         "lr",
         "grad_norm",
         "tokens",
@@ -117,6 +132,26 @@ def test_metrics_tensorboard_and_run_dir(tmp_path: Path, byte_shards: Path) -> N
     assert events.Scalars("train/loss")[-1].value == pytest.approx(train_records(run_dir)[12]["loss"], rel=1e-6)
     spec_text = (run_dir / "spec.yaml").read_text()
     assert "DeepSpeed config derived from this spec" in spec_text and '"train_batch_size": 8' in spec_text
+
+
+def test_logged_loss_is_the_window_mean_also_across_a_resume(tmp_path: Path, byte_shards: Path) -> None:
+    """``loss`` averages the steps since the last metrics line (``loss_step`` is the step's own). A run
+    logging every 3 steps, killed after its checkpoint at step 5 and resumed, logs exactly the means of
+    an every-step run: the step-6 line averages steps 4 and 5 (before the kill) with step 6."""
+    common = ["train.max_steps=9", "precision=fp32", "schedule.warmup_steps=1", "checkpoint.every_steps=5"]
+    every = tmp_path / "every"
+    train("tiny", tiny_overrides(every, byte_shards, "train.log_every=1", *common), 2, tmp_path)
+    steps = {s: r["loss_step"] for s, r in train_records(every).items()}
+    sparse = tmp_path / "sparse"
+    overrides = tiny_overrides(sparse, byte_shards, "train.log_every=3", *common)
+    kill_after(start("tiny", overrides, 2, tmp_path), sparse / "checkpoints/step_00000005/COMPLETE.json")
+    train("tiny", overrides, 2, tmp_path)
+    logged = train_records(sparse)
+    assert sorted(logged) == [3, 6, 9]
+    assert logged[3]["loss"] == (steps[1] + steps[2] + steps[3]) / 3
+    assert logged[6]["loss"] == (steps[4] + steps[5] + steps[6]) / 3
+    assert logged[9]["loss"] == (steps[7] + steps[8] + steps[9]) / 3
+    assert [logged[s]["loss_step"] for s in (3, 6, 9)] == [steps[s] for s in (3, 6, 9)]
 
 
 def test_deepspeed_launcher_and_single_process(tmp_path: Path, byte_shards: Path) -> None:

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -23,6 +24,7 @@ from bigtx.cli.main import main
 from bigtx.config import load_spec
 from bigtx.distributed import EXIT_REQUEUE
 from bigtx.launch import local, slurm
+from tests.harness import wait_until
 
 BASH = shutil.which("bash")
 
@@ -332,32 +334,72 @@ def test_sigterm_does_not_requeue(tmp_path: Path, stubs: Path) -> None:
     assert "not requeueing" in out
 
 
-# A stand-in for DeepSpeed's runner -> launch -> ranks tree: each rank exits 75 on SIGUSR1.
+# A stand-in for DeepSpeed's runner -> launch -> ranks tree: each rank exits 75 on SIGUSR1. With
+# "stubborn" the ranks ignore SIGTERM (stuck where no handler runs); with "walkout" launch exits
+# after a second without waiting for its ranks.
 FAKE_LAUNCHER = """\
 import os, signal, subprocess, sys, time
-level = int(sys.argv[1])
+level, mode = int(sys.argv[1]), sys.argv[3]
 if level < 2:  # runner (0) and launch (1) start the next level; launch starts two ranks
-    kids = [subprocess.Popen([sys.executable, __file__, str(level + 1), sys.argv[2]]) for _ in range(1 + level)]
+    kids = [subprocess.Popen([sys.executable, __file__, str(level + 1), *sys.argv[2:]]) for _ in range(1 + level)]
+    if level == 1 and mode == "walkout":
+        time.sleep(1.5)
+        sys.exit(0)
     sys.exit(max(k.wait() for k in kids))
 signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))
+if mode == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 open(f"{sys.argv[2]}.{os.getpid()}", "w").close()  # ready
 time.sleep(30)
 sys.exit(1)
 """
 
 
-def test_local_run_passes_usr1_to_the_ranks(tmp_path: Path) -> None:
-    script = tmp_path / "fake_launcher.py"
-    script.write_text(FAKE_LAUNCHER)
-    ready = tmp_path / "rank"
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
-    def send_when_ready() -> None:
+
+def rank_pids(tmp_path: Path) -> list[int]:
+    return [int(p.name.split(".")[1]) for p in tmp_path.glob("rank.*")]
+
+
+def signal_when_ranks_ready(tmp_path: Path, sig: int) -> None:
+    def send() -> None:
         deadline = time.monotonic() + 20
-        while len(list(tmp_path.glob("rank.*"))) < 2:
+        while len(rank_pids(tmp_path)) < 2:
             if time.monotonic() > deadline:
                 return  # the ranks never got ready: they exit 1 after 30 s
             time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGUSR1)  # as `kill -USR1 <bigtx launch local>` would
+        os.kill(os.getpid(), sig)  # as `kill -SIG <bigtx launch local>` would
 
-    threading.Thread(target=send_when_ready, daemon=True).start()
-    assert local.run([sys.executable, str(script), "0", str(ready)]) == EXIT_REQUEUE
+    threading.Thread(target=send, daemon=True).start()
+
+
+def fake_launch(tmp_path: Path, mode: str) -> list[str]:
+    script = tmp_path / "fake_launcher.py"
+    script.write_text(FAKE_LAUNCHER)
+    return [sys.executable, str(script), "0", str(tmp_path / "rank"), mode]
+
+
+def test_local_run_passes_usr1_to_the_ranks(tmp_path: Path) -> None:
+    signal_when_ranks_ready(tmp_path, signal.SIGUSR1)
+    assert local.run(fake_launch(tmp_path, "plain")) == EXIT_REQUEUE
+
+
+def test_ranks_that_ignore_sigterm_are_killed_after_the_grace_period(tmp_path: Path) -> None:
+    signal_when_ranks_ready(tmp_path, signal.SIGTERM)
+    t0 = time.monotonic()
+    code = local.run(fake_launch(tmp_path, "stubborn"), grace_s=0.5, margin_s=0.5)
+    assert code != 0 and time.monotonic() - t0 < 15  # not the ranks' 30 s
+    assert len(rank_pids(tmp_path)) == 2 and not any(alive(p) for p in rank_pids(tmp_path))
+
+
+def test_ranks_the_launcher_leaves_behind_are_killed(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    assert local.run(fake_launch(tmp_path, "walkout")) == 0
+    assert time.monotonic() - t0 < 15
+    wait_until(lambda: len(rank_pids(tmp_path)) == 2, 5, "the ranks' ready files")
+    assert not any(alive(p) for p in rank_pids(tmp_path))
