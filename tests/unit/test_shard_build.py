@@ -318,3 +318,30 @@ def test_cli_refuses_to_remove_files_it_did_not_write(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("bigtx: error: --out: ") and "refusing to remove" in err
     assert (out / "train-000000.tar").read_bytes() == b"precious" and not (out / "index.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "../outside.tar"}, "has a '..' component"),
+        ({"name": "/etc/passwd"}, "shard names must be relative paths"),
+        ({"name": "train-000000.tar", "sha256": 5}, "is not 64 lower-case hex digits"),
+        ({"name": "train-000000.tar", "samples": -1}, "not a non-negative integer"),
+        ("not a mapping", "is not a mapping"),
+    ],
+)
+def test_inspect_refuses_a_hostile_index(tmp_path, capsys, entry, message):
+    """`bigtx data inspect` reads an index with the loader's checks: exit 2 and a clear message, no
+    traceback, and nothing outside the directory is read."""
+    make_inputs(tmp_path / "in")
+    out = tmp_path / "ds"
+    build = ["data", "build", "--input", str(tmp_path / "in" / "*.txt"), "--tokenizer", "byte", "--out", str(out)]
+    assert main([*build, "--workers", "1", "--val-fraction", "0"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    index["splits"]["train"]["shards"][0] = entry
+    (out / "index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "inspect", str(out), "--verify"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
