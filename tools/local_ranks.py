@@ -38,4 +38,6 @@ def spawn_local(
         procs.append(
             subprocess.Popen(cmd, env=rank_env, stdout=out, stderr=subprocess.STDOUT if out else None, cwd=cwd)
         )
+        if out is not None:
+            out.close()  # the rank has its own copy of the file descriptor
     return procs

@@ -551,7 +551,7 @@ def test_universal_checkpoint_with_pickled_objects_is_refused_without_running_th
     flag = tmp_path / "code-ran"
     target = ckpt / "zero" / "embed.weight" / "fp32.pt"
     torch.save({"param": _OpensAFile(flag), "cat_dim": 0}, target)
-    torch.load(target, weights_only=False)  # the payload is live: a full unpickle runs it
+    torch.load(target, weights_only=False)["param"].close()  # the payload is live: a full unpickle runs it
     assert flag.exists()
     flag.unlink()
     hostile = {

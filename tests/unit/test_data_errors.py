@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_bad_shard_in_a_worker_raises_in_the_main_process(ds):
 
 
 def test_corrupt_header_without_index_is_detected(ds):
-    n = len(json.load(open(os.path.join(ds, "index.json")))["splits"]["train"]["shards"])
+    n = len(json.loads(Path(os.path.join(ds, "index.json")).read_text())["splits"]["train"]["shards"])
     flip(shard(ds, 0), 130)  # the size field of the first header
     pattern = os.path.join(ds, f"train-{{000000..{n - 1:06d}}}.tar")
     with pytest.raises(DataError, match="bad tar header"):
@@ -111,7 +112,7 @@ def test_corrupt_header_without_index_is_detected(ds):
 
 
 def test_truncated_shard_without_index(ds):
-    n = len(json.load(open(os.path.join(ds, "index.json")))["splits"]["train"]["shards"])
+    n = len(json.loads(Path(os.path.join(ds, "index.json")).read_text())["splits"]["train"]["shards"])
     truncate(shard(ds, 3))
     with pytest.raises(DataError, match="train-000003.tar: truncated"):
         run(loader(os.path.join(ds, f"train-{{000000..{n - 1:06d}}}.tar"), on_error="raise"))
@@ -171,7 +172,7 @@ def test_sample_without_ids_is_a_bad_shard(tmp_path):
 
 def test_tokenizer_hash_mismatch_names_both_hashes(built, tmp_path):
     tok = train_tokenizer(["some text to train on, " * 20] * 10, 300, str(tmp_path / "tok.json"), min_frequency=1)
-    index = json.load(open(os.path.join(built, "index.json")))
+    index = json.loads(Path(os.path.join(built, "index.json")).read_text())
     section = DataSection(train=str(built), tokenizer=str(tmp_path / "tok.json"))
     for call in (
         lambda: check_data(section, 512),

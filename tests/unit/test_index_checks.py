@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,7 @@ def built(tmp_path_factory):
     for i in range(40):
         (root / "in" / f"doc{i:03d}.txt").write_text(f"document {i} " + "lorem ipsum " * (i % 5 + 1))
     build_shards([str(root / "in")], "byte", str(root / "ds"), shard_size=2048, val_fraction=0.25, progress=False)
-    index = json.load(open(root / "ds" / "index.json"))
+    index = json.loads(Path(root / "ds" / "index.json").read_text())
     assert index["splits"]["train"]["shards"] and index["splits"]["val"]["shards"]
     return root / "ds"
 
@@ -44,7 +45,7 @@ def ds(built, tmp_path):
 
 def edit_index(ds, change) -> str:
     path = os.path.join(ds, "index.json")
-    index = json.load(open(path))
+    index = json.loads(Path(path).read_text())
     change(index)
     with open(path, "w") as f:
         json.dump(index, f)
@@ -103,7 +104,7 @@ def test_bad_val_shard_name_names_data_val(ds):
 
 def test_a_good_subdirectory_name_is_allowed(ds):
     """Names may have directories, as long as they stay inside."""
-    index = json.load(open(os.path.join(ds, "index.json")))
+    index = json.loads(Path(os.path.join(ds, "index.json")).read_text())
     first = index["splits"]["train"]["shards"][0]["name"]
     os.makedirs(os.path.join(ds, "sub"))
     os.rename(os.path.join(ds, first), os.path.join(ds, "sub", first))
@@ -178,7 +179,7 @@ def test_unreadable_index_json(ds, raw, message):
 
 
 def remote_index(built, names: list) -> bytes:
-    index = json.load(open(os.path.join(built, "index.json")))
+    index = json.loads(Path(os.path.join(built, "index.json")).read_text())
     shards = index["splits"]["train"]["shards"]
     for entry, name in zip(shards, names):
         entry["name"] = name

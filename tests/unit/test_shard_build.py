@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ def test_build_reads_every_input_kind_and_writes_a_complete_index(tmp_path):
     for split in (train, val):
         assert split["tokens"] == sum(s["tokens"] for s in split["shards"])
         for s in split["shards"]:
-            raw = open(os.path.join(out, s["name"]), "rb").read()
+            raw = Path(os.path.join(out, s["name"])).read_bytes()
             assert hashlib.sha256(raw).hexdigest() == s["sha256"] and len(raw) == s["bytes"]
             assert s["bytes"] <= 4096 + 10240  # one record of tar padding at most over the limit
     found = read_all(out, index)

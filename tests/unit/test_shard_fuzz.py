@@ -15,6 +15,7 @@ import hashlib
 import io
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import webdataset as wds
@@ -47,7 +48,7 @@ def corpus(tmp_path) -> list[bytes]:
         writer = ShardSetWriter(str(tmp_path), f"s{np.dtype(dtype).itemsize}", 1 << 20, np.dtype(dtype))
         for i in range(5):
             writer.write(f"doc{i}", rng.integers(0, 1000, size=[0, 1, 7, 40, 300][i]), f"file{i}.txt:{i}")
-        shards += [open(tmp_path / s["name"], "rb").read() for s in writer.close()]
+        shards += [Path(tmp_path / s["name"]).read_bytes() for s in writer.close()]
     out = io.BytesIO()
     with wds.TarWriter(out) as sink:  # pax headers (float mtimes) before every member
         sink.write({"__key__": "a", "ids.npy": np.arange(9, dtype=np.uint16), "txt": "hello"})
@@ -57,7 +58,7 @@ def corpus(tmp_path) -> list[bytes]:
     with wds.ShardWriter(str(tmp_path / "w-%06d.tar"), maxcount=2, verbose=0) as sink:
         for i in range(4):
             sink.write({"__key__": f"w{i}", "ids.npy": np.arange(i * 5, dtype=np.uint32)})
-    shards += [open(tmp_path / f"w-{i:06d}.tar", "rb").read() for i in range(2)]
+    shards += [Path(tmp_path / f"w-{i:06d}.tar").read_bytes() for i in range(2)]
     variants = [
         ("v1.ids.npy", npy_file("<u2", (1, 0), [1, 2, 3])),
         ("v2.ids.npy", npy_file("<i8", (2, 0), [4, 5])),
