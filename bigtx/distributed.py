@@ -151,6 +151,20 @@ def allow_emulated_fp16() -> bool:
     return True
 
 
+def fast_bf16() -> bool:
+    """Whether bf16 is a fast precision here: any GPU bigtx runs on, or a CPU with bf16 kernels.
+
+    On an AVX2-only CPU (AMD Zen 3, older Intel) torch falls back to a reference bf16 matmul that
+    measured 38x slower than fp32 (torch 2.13, 512x256 @ 256x768, one thread, AMD EPYC Zen 3), so a
+    bf16 run there is mostly waiting. ``torch.ops.mkldnn._is_mkldnn_bf16_supported`` (oneDNN's
+    bf16 kernels: AVX-512, AMX) is private (checked with torch 2.13); without it the answer is True.
+    """
+    if torch.cuda.is_available():
+        return True
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if probe is None else bool(probe())
+
+
 def device(env: DistEnv) -> torch.device:
     return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 

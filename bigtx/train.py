@@ -567,7 +567,12 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
     setup_logging(run_dir, env, spec.deepspeed.log_level)
     distributed.init(env)
     if spec.precision == "fp16" and distributed.allow_emulated_fp16():
-        log.warning("this CPU has no native fp16 kernels: fp16 runs emulated (slow); bf16 is the fast choice here")
+        log.warning("this CPU has no native fp16 kernels: fp16 runs emulated (slow)")
+    if spec.precision == "bf16" and not distributed.fast_bf16():
+        log.warning(
+            "this CPU has no bf16 matrix kernels (oneDNN needs AVX-512): bf16 matmuls run many times slower "
+            "than fp32 here; set precision: fp32 for runs on this machine"
+        )
     hosts: list[Any] = [None] * env.world_size
     dist.all_gather_object(hosts, socket.gethostname())
 

@@ -2,8 +2,9 @@
 
 1. a corpus every machine has offline: the Python standard library's sources (one file = one document);
 2. a BPE tokenizer and WebDataset shards (`bigtx tokenizer train`, `bigtx data build`);
-3. the `demo` preset on 2 local processes with the `deepspeed` launcher (ZeRO-2, bf16, activation
-   checkpointing), stopped part-way with SIGTERM and resumed from its checkpoint;
+3. the `demo` preset on 2 local processes with the `deepspeed` launcher (ZeRO-2, bf16 where the
+   machine has bf16 kernels, else fp32; activation checkpointing), stopped part-way with SIGTERM and
+   resumed from its checkpoint;
 4. export to Hugging Face format with verification, and a sample generated from a prompt;
 5. a plot of the curves, and where everything is.
 
@@ -85,6 +86,16 @@ def last_val_loss(run_dir: Path) -> float:
     return [r["val_loss"] for r in lines if "val_loss" in r][-1]
 
 
+def demo_precision(choice: str) -> str:
+    """``auto``: bf16 on a GPU or a CPU with bf16 kernels, else fp32 (bf16 would crawl there)."""
+    from bigtx.distributed import fast_bf16
+
+    if choice != "auto" or fast_bf16():
+        return "bf16" if choice == "auto" else choice
+    print("this CPU has no bf16 matrix kernels (oneDNN needs AVX-512): training in fp32, the fast choice here")
+    return "fp32"
+
+
 def train_with_interruption(overrides: list[str], run_dir: Path, nproc: int, stop_at: int) -> None:
     """Start training, SIGTERM it once `stop_at` steps are logged, then resume to the end."""
     launch = [*BIGTX, "launch", "local", "demo", "--nproc", str(nproc), *(f"--set={o}" for o in overrides)]
@@ -144,8 +155,10 @@ def demo(args: argparse.Namespace) -> int:
             ]
         )
 
-    say("3/6 Pretraining on 2 processes (deepspeed launcher, ZeRO-2, bf16, activation checkpointing)")
+    precision = demo_precision(args.precision)
+    say(f"3/6 Pretraining on 2 processes (deepspeed launcher, ZeRO-2, {precision}, activation checkpointing)")
     overrides = [
+        f"precision={precision}",
         f"run.dir={run_dir}",
         f"data.train={shards}",
         f"data.tokenizer={tokenizer}",
@@ -202,4 +215,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default="runs/demo", help="the training run directory")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps")
     p.add_argument("--nproc", type=int, default=2, help="training processes")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="training precision (default auto: bf16 on GPUs and on CPUs with bf16 kernels, else fp32)",
+    )
     p.set_defaults(func=demo)
