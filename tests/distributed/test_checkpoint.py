@@ -31,7 +31,6 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 CONFIGS = {
-    "zero1": ["zero.stage=1"],
     "zero2": ["zero.stage=2"],
     "zero3": ["zero.stage=3"],
     "zero2-accum2": ["zero.stage=2", "train.micro_batch_size=2", "train.grad_accum=2"],

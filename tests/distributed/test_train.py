@@ -32,13 +32,13 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.mark.parametrize(
     "extra",
     [
-        ["zero.stage=1", "precision=bf16"],
-        ["zero.stage=2", "precision=bf16"],
         ["zero.stage=3", "precision=bf16"],
         ["zero.stage=2", "precision=fp16"],
         ["zero.stage=2", "precision=bf16", "zero.offload_optimizer=true"],
     ],
-    ids=["zero1-bf16", "zero2-bf16", "zero3-bf16", "zero2-fp16", "zero2-offload"],
+    # ZeRO-1/2 in bf16 train in the checkpoint, metrics and export tests; the three here add a stage,
+    # a precision and an optimizer of their own
+    ids=["zero3-bf16", "zero2-fp16", "zero2-offload"],
 )
 def test_loss_goes_down(tmp_path: Path, byte_shards: Path, extra: list[str]) -> None:
     run_dir = tmp_path / "run"
@@ -68,22 +68,12 @@ def assert_same_curves(tmp_path: Path, shards: Path, variants: dict[str, list[st
         assert abs(a - b) <= rel * abs(a), curves
 
 
-def test_zero_stages_agree(tmp_path: Path, byte_shards: Path) -> None:
-    assert_same_curves(tmp_path, byte_shards, {"zero0": ["zero.stage=0"], "zero3": ["zero.stage=3"]}, 1e-5)
-
-
-def test_grad_accum_equivalence(tmp_path: Path, byte_shards: Path) -> None:
+def test_zero3_with_activation_checkpointing_matches_zero0(tmp_path: Path, byte_shards: Path) -> None:
+    """One comparison for two claims: ZeRO-3's partitioning and recomputing the blocks in the backward
+    each change nothing but rounding, so together they must not either."""
     variants = {
-        "m2a4": ["train.micro_batch_size=2", "train.grad_accum=4"],
-        "m8a1": ["train.micro_batch_size=8", "train.grad_accum=1"],
-    }
-    assert_same_curves(tmp_path, byte_shards, variants, 1e-4)
-
-
-def test_activation_checkpointing_under_zero3_matches(tmp_path: Path, byte_shards: Path) -> None:
-    variants = {
-        "none": ["zero.stage=3", "model.activation_checkpointing=none"],
-        "every": ["zero.stage=3", "model.activation_checkpointing=every"],
+        "zero0": ["zero.stage=0", "model.activation_checkpointing=none"],
+        "zero3-every": ["zero.stage=3", "model.activation_checkpointing=every"],
     }
     assert_same_curves(tmp_path, byte_shards, variants, 1e-5)
 
