@@ -61,8 +61,10 @@ def test_exact_continuation_after_sigkill(tmp_path: Path, byte_shards: Path, ref
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Path, byte_shards: Path) -> None:
-    # a wider model, so that saving takes long enough to be caught in the middle
+    # a wider model, so that saving takes long enough to be caught in the middle; fp32, because a CPU
+    # without bf16 kernels (AVX2) trains this model in bf16 several times slower
     wide = ["model.d_model=256", "model.n_heads=8", "model.n_kv_heads=4", "model.d_ff=1024", "model.n_layers=4"]
+    wide.append("precision=fp32")
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(run_dir, byte_shards, "train.max_steps=30", "checkpoint.every_steps=10", *wide)
     run = start("tiny", overrides, 2, tmp_path / "logs")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
-import sys
 
 import pytest
 
+from bigtx.cli.main import main
 from bigtx.config import RunSpec, SpecError, load_spec, preset_names, validate_spec
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.model_presets import MODEL_PRESETS
@@ -185,7 +187,14 @@ def test_base_file_fills_but_never_contradicts(tmp_path) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bigtx", *args], capture_output=True, text=True, timeout=120)
+    """``bigtx ARGS`` in this process (a subprocess per call cost seconds of imports each)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_cli_validate_exit_codes(tmp_path) -> None:
