@@ -99,20 +99,6 @@ def timeout() -> timedelta:
     return timedelta(seconds=lifetime.seconds_from_env("BIGTX_DIST_TIMEOUT_S", "600"))
 
 
-# DeepSpeed modules bigtx never uses whose import costs seconds at every start. DeepSpeed 0.19.8's
-# ZeRO optimizer check (is_zero_supported_optimizer in deepspeed/runtime/zero/utils.py) imports its
-# Muon optimizer, and through it torch._inductor, only to compare optimizer types: 2.4 s per rank
-# start on a 2-core CPU. A None entry in sys.modules makes that import raise ImportError, which
-# DeepSpeed catches; bigtx trains with AdamW only.
-UNUSED_DEEPSPEED_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer",)
-
-
-def skip_unused_deepspeed_imports() -> None:
-    """Keep the modules above from being imported (left alone if something imported one already)."""
-    for name in UNUSED_DEEPSPEED_MODULES:
-        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
-
-
 def init(env: DistEnv) -> None:
     """Start the process group (gloo on CPU, NCCL on GPUs) through DeepSpeed.
 
@@ -122,7 +108,6 @@ def init(env: DistEnv) -> None:
     """
     import deepspeed
 
-    skip_unused_deepspeed_imports()
     if env.launcher != "single":
         lifetime.die_with_parent(signal.SIGTERM)
 
