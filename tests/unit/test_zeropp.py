@@ -15,6 +15,7 @@ from bigtx.cli.main import main
 from bigtx.config import SpecError, load_spec
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.layout import check_layout
+from bigtx.distributed import detect
 
 REPO = Path(__file__).resolve().parents[2]
 ZERO3 = ["zero.stage=3", "precision=fp32"]
@@ -118,6 +119,14 @@ def train_rank(env: dict[str, str], *overrides: str) -> subprocess.CompletedProc
         text=True,
         timeout=120,
     )
+
+
+def test_ranks_per_node_from_every_launcher() -> None:
+    world = {"RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3"}
+    assert detect({**world, "LOCAL_WORLD_SIZE": "8"}).local_world_size == 8  # torchrun
+    assert detect({**world, "LOCAL_SIZE": "8"}).local_world_size == 8  # DeepSpeed's launcher
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0", "MASTER_ADDR": "n1"}
+    assert detect({**slurm, "SLURM_NTASKS_PER_NODE": "8(x2)"}).local_world_size == 8
 
 
 def test_train_preflight_checks_the_layout(tmp_path: Path) -> None:
