@@ -74,7 +74,8 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
             rank=int(env["RANK"]),
             world_size=int(env["WORLD_SIZE"]),
             local_rank=int(env.get("LOCAL_RANK", "0")),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+            # torchrun says LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE (zero.hpz_partition_size needs it)
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env["WORLD_SIZE"]),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", "29500")),
             launcher="torchrun/deepspeed",

@@ -36,6 +36,7 @@ from bigtx import checkpoint, distributed, lifetime
 from bigtx.checkpoint.resume import FINISHED, ResumePlan, plan_resume
 from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config
+from bigtx.config.layout import check_layout
 from bigtx.data import DataError, build_loader, check_data
 from bigtx.distributed import EXIT_ERROR, EXIT_FINISHED, EXIT_REQUEUE, EXIT_USAGE, DistEnv
 from bigtx.metrics import MetricsLogger, peak_tflops
@@ -64,6 +65,7 @@ def preflight(spec: RunSpec, env: DistEnv) -> dict[str, Any]:
     """
     try:
         ds_config = derive_deepspeed_config(spec, env.world_size)
+        check_layout(spec.zero, env.world_size, env.local_world_size, torch.cuda.is_available())
     except ValueError as exc:
         raise SpecError([str(exc)]) from None
     if spec.data.train is None:

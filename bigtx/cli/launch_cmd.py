@@ -6,18 +6,22 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from bigtx import lifetime
 from bigtx.cli.common import UserError, spec_from_args
 from bigtx.config import RunSpec, add_spec_args
 from bigtx.config.deepspeed_config import derive_deepspeed_config
+from bigtx.config.layout import check_layout
 from bigtx.launch import local, slurm
 
 
-def _checked_spec(args: argparse.Namespace, world_size: int) -> RunSpec:
-    """Load and validate the spec, including its batch sizes at this world size (errors exit 2)."""
+def _checked_spec(args: argparse.Namespace, world_size: int, ranks_per_node: int, cuda: bool) -> RunSpec:
+    """Load and validate the spec, including its batch sizes and ZeRO layout at this world size (errors exit 2)."""
     spec = spec_from_args(args)
     try:
         derive_deepspeed_config(spec, world_size)
+        check_layout(spec.zero, world_size, ranks_per_node, cuda)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return spec
@@ -44,7 +48,8 @@ def _slurm(args: argparse.Namespace) -> int:
         opts.check()
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    spec = _checked_spec(args, opts.world_size)
+    # --no-gres is how a CPU cluster is launched; the login node's own GPUs say nothing about the nodes'
+    spec = _checked_spec(args, opts.world_size, opts.gpus_per_node, cuda=opts.gres)
     try:
         files = slurm.write_launch(spec, opts, template=args.template)
     except ValueError as exc:
@@ -66,7 +71,7 @@ def _slurm(args: argparse.Namespace) -> int:
 
 
 def _local(args: argparse.Namespace) -> int:
-    _checked_spec(args, args.nproc)
+    _checked_spec(args, args.nproc, args.nproc, cuda=torch.cuda.is_available())
     try:
         grace = lifetime.stop_grace()
         cmd = local.local_command(

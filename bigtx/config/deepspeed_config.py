@@ -19,6 +19,9 @@ from bigtx.config.spec import RunSpec
 
 # Large enough that DeepSpeed never prints its own per-step lines; bigtx logs the metrics.
 _QUIET_STEPS = 2**31 - 1
+# ZeRO++ keys the spec owns (zero.hpz_partition_size, zero.quantized_*) but derives only when on:
+# a base file must not switch them on behind the spec and its layout checks.
+_ZEROPP_KEYS = ("zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients")
 
 
 def ds_configs_dir() -> Path:
@@ -62,6 +65,13 @@ def _derived(spec: RunSpec, world_size: int) -> dict[str, Any]:
     }
     if spec.zero.stage == 3:
         zero["offload_param"] = {"device": "cpu" if spec.zero.offload_params else "none"}
+    # ZeRO++ keys only when on, so that the DeepSpeed config of a run without it is unchanged
+    if spec.zero.hpz_partition_size > 1:
+        zero["zero_hpz_partition_size"] = spec.zero.hpz_partition_size
+    if spec.zero.quantized_weights:
+        zero["zero_quantized_weights"] = True
+    if spec.zero.quantized_gradients:
+        zero["zero_quantized_gradients"] = True
     cfg: dict[str, Any] = {
         "train_batch_size": glob,
         "train_micro_batch_size_per_gpu": micro,
@@ -129,6 +139,12 @@ def derive_deepspeed_config(spec: RunSpec, world_size: int, load_universal: bool
     the spec, and for batch sizes that do not fit the world size.
     """
     base, base_path = _load_base(spec.deepspeed.base)
+    zeropp = sorted(set(_ZEROPP_KEYS) & set(base.get("zero_optimization", {})))
+    if zeropp:
+        raise ValueError(
+            f"deepspeed.base: {base_path} sets {', '.join(zeropp)}; delete them from the base file and set "
+            "ZeRO++ through the spec (zero.hpz_partition_size, zero.quantized_weights, zero.quantized_gradients)"
+        )
     derived = _derived(spec, world_size)
     # the optimizer block's lr/weight decay are defaults, per-group values come from bigtx.optim
     clashes = _contradictions({k: v for k, v in base.items() if k != "checkpoint"}, derived)

@@ -208,13 +208,38 @@ class ZeroSection(Section):
     stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 +grads, 3 +params.")
     offload_optimizer: bool = Field(False, description="Keep optimizer state (and step) on the CPU; stage >= 1.")
     offload_params: bool = Field(False, description="Keep parameters on the CPU between uses; stage 3 only.")
+    hpz_partition_size: int = Field(
+        1,
+        ge=1,
+        description="ZeRO++ hpZ: ranks per secondary weight copy (1: off); the ranks of one node, stage 3 only.",
+    )
+    quantized_weights: bool = Field(
+        False, description="ZeRO++ qwZ: all-gather weights as int8 (CUDA only); stage 3 only."
+    )
+    quantized_gradients: bool = Field(
+        False, description="ZeRO++ qgZ: reduce-scatter gradients as int4 (CUDA only); stage 3 only."
+    )
 
     @model_validator(mode="after")
-    def _check_offload(self) -> ZeroSection:
+    def _check_stage(self) -> ZeroSection:
         if self.offload_params and self.stage != 3:
             raise ValueError(f"offload_params: needs zero.stage=3 (got {self.stage}); set zero.stage=3")
         if self.offload_optimizer and self.stage < 1:
             raise ValueError("offload_optimizer: needs zero.stage >= 1 (got 0); set zero.stage=1, 2 or 3")
+        # ZeRO++ works on the partitioned parameters, which only stage 3 has
+        zeropp = [
+            name
+            for name, on in (
+                ("hpz_partition_size", self.hpz_partition_size > 1),
+                ("quantized_weights", self.quantized_weights),
+                ("quantized_gradients", self.quantized_gradients),
+            )
+            if on
+        ]
+        if zeropp and self.stage != 3:
+            raise ValueError(
+                f"{zeropp[0]}: ZeRO++ needs zero.stage=3 (got {self.stage}); set zero.stage=3 or turn it off"
+            )
         return self
 
 
