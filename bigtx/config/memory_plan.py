@@ -98,6 +98,7 @@ class Suggestion:
 @dataclass(frozen=True)
 class Plan:
     cluster: Cluster
+    precision: str
     stage: int
     offload_optimizer: bool
     offload_params: bool
@@ -142,6 +143,7 @@ class Plan:
         c = self.cluster
         return {
             "cluster": asdict(c) | {"world_size": c.world_size},
+            "precision": self.precision,
             "zero_stage": self.stage,
             "offload_optimizer": self.offload_optimizer,
             "offload_params": self.offload_params,
@@ -408,6 +410,7 @@ def plan(
     gpu = Memory(gpu.params, gpu.grads, gpu.optimizer, acts, gpu.buffers)
     result = Plan(
         cluster,
+        spec.precision,
         spec.zero.stage,
         spec.zero.offload_optimizer,
         spec.zero.offload_params,
@@ -526,41 +529,49 @@ def suggestions(spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] 
         if found:
             micro_found |= is_micro
             out.append(Suggestion(change, overrides, cluster.nodes, found.per_gpu.total, found.per_node_host.total))
-    combos: list[dict[str, Any]] = []
-    for _, overrides in candidates:
-        merged = {**(combos[-1] if combos else {}), **overrides}
-        if combos and "zero.stage" in combos[-1]:  # an offload never lowers a stage chosen before it
-            merged["zero.stage"] = max(merged["zero.stage"], combos[-1]["zero.stage"])
-        combos.append(merged)
+    # the changes combined in order: (what, overrides) after each one; a smaller micro-batch replaces
+    # the previous one, an offload never lowers a stage chosen before it
+    combos: list[tuple[list[str], dict[str, Any]]] = []
+    for change, overrides in candidates:
+        names, merged = (list(combos[-1][0]), dict(combos[-1][1])) if combos else ([], {})
+        for kind in ("micro-batch", "ZeRO stage"):  # a later one of the same kind replaces the earlier
+            if change.startswith(kind):
+                names = [n for n in names if not n.startswith(kind)]
+        names.append(change)
+        stage = merged.get("zero.stage", 0)
+        merged.update(overrides)
+        if "zero.stage" in merged:
+            merged["zero.stage"] = max(merged["zero.stage"], stage)
+        combos.append((names, merged))
     if not out:
-        for combined in combos:
+        for names, combined in combos:
             changed = _with(spec, combined)
             found = _fitting(changed, cluster, zero_config) if changed else None
             if found:
-                out.append(_combined(combined, found))
+                out.append(_suggestion(names, combined, found, cluster.nodes))
                 break
     bigger = _min_nodes(spec, cluster, zero_config)
     if bigger:
-        found, batch = bigger
-        nodes = found.cluster.nodes
-        what = f"{nodes} nodes"
-        if batch:
-            glob, ranks = batch["train.global_batch_size"], found.cluster.world_size
-            what += f" with global batch {glob} (the spec's does not divide over {ranks} ranks)"
-        out.append(Suggestion(what, batch, nodes, found.per_gpu.total, found.per_node_host.total))
+        out.append(_suggestion([], bigger[1], bigger[0], cluster.nodes))
     elif not out:
         # more nodes alone never fit: each combination that needs fewer nodes than the shorter ones
         fewest = MAX_NODES + 1
-        for combined in combos:
+        for names, combined in combos:
             changed = _with(spec, combined)
             result = _min_nodes(changed, cluster, zero_config) if changed else None
             if result and result[0].cluster.nodes < fewest:
                 fewest = result[0].cluster.nodes
-                out.append(_combined({**combined, **result[1]}, result[0]))
+                out.append(_suggestion(names, {**combined, **result[1]}, result[0], cluster.nodes))
     return out
 
 
-def _combined(overrides: dict[str, Any], found: Plan) -> Suggestion:
-    nodes = found.cluster.nodes
-    what = ", ".join(f"{k}={v}" for k, v in overrides.items()) + f" on {nodes} node{'s' if nodes > 1 else ''}"
-    return Suggestion(what, dict(overrides), nodes, found.per_gpu.total, found.per_node_host.total)
+def _suggestion(names: list[str], overrides: dict[str, Any], found: Plan, nodes_now: int) -> Suggestion:
+    """The changes ``names``, on ``found``'s node count when that is more than ``nodes_now`` (with a
+    global batch that divides over the ranks when the spec's does not)."""
+    what = list(names)
+    c = found.cluster
+    if c.nodes != nodes_now:
+        what.append(f"{c.nodes} nodes")
+        if "train.global_batch_size" in overrides and not any(n.startswith("micro-batch") for n in names):
+            what.append(f"global batch {overrides['train.global_batch_size']} (to divide over {c.world_size} ranks)")
+    return Suggestion(" + ".join(what), dict(overrides), c.nodes, found.per_gpu.total, found.per_node_host.total)
