@@ -160,7 +160,8 @@ class Plan:
 
 
 def gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
+    """Bytes for people: GB (1e9) with one decimal, MB below 1 GB."""
+    return f"{n / 1e9:,.1f} GB" if n >= 10**9 else f"{n / 1e6:,.1f} MB"
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +312,7 @@ def model_states(
     offload_params: bool,
     cluster: Cluster,
     zero_config: Mapping[str, Any] | None = None,
+    device: str = "cuda",
 ) -> tuple[Memory, Memory]:
     """(per GPU, per node's host) params, grads, optimizer, buffers and the host's build peak.
 
@@ -324,6 +326,12 @@ def model_states(
     part = math.ceil(P / N)
     L = largest_module(m)
     gpu: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+
+    def bucket(elements: int) -> int:
+        # DeepSpeed allocates its buckets whole (torch.empty); a GPU counts that, while on the CPU only
+        # the pages written count, at most one element per parameter
+        return min(elements, P) if device == "cpu" else elements
+
     host: dict[str, int] = dict.fromkeys(CATEGORIES, 0)  # per rank; times g below
 
     if stage == 0:
@@ -332,7 +340,7 @@ def model_states(
         gpu["params"] = low * P
         gpu["grads"] = low * P + (4 * P if master else 0)
         gpu["optimizer"] = (master + 8) * P
-        gpu["buffers"] = low * STAGE0_ALLREDUCE_BUCKET
+        gpu["buffers"] = low * bucket(STAGE0_ALLREDUCE_BUCKET)
     elif stage in (1, 2):
         # stage_1_and_2.py: 16-bit params whole; grads whole (stage 1) or their partition (stage 2) in
         # 16 bits; the fp32 partition of params/grads/moments on the GPU or, offloaded, on the host
@@ -346,7 +354,7 @@ def model_states(
             gpu["grads"] = grads16 + states["grads"]
             gpu["optimizer"] = states["optimizer"]
         buckets = 2 if z["overlap_comm"] else 1
-        gpu["buffers"] = low * z["reduce_bucket_size"] * buckets
+        gpu["buffers"] = low * bucket(z["reduce_bucket_size"]) * buckets
     else:
         # stage3.py: 16-bit param partition (fp16_partitioned_groups_flat), the 16-bit gradient
         # partition (grad_partitions_flat_buffer, line 791; pinned on the host with optimizer offload),
@@ -368,7 +376,7 @@ def model_states(
         else:
             gpu["grads"] = low * L + low * part + fp32_grad_on_gpu
             gpu["optimizer"] = (4 + 8) * part
-        gpu["buffers"] = low * (z["reduce_bucket_size"] + z["stage3_prefetch_bucket_size"])
+        gpu["buffers"] = low * (bucket(z["reduce_bucket_size"]) + bucket(z["stage3_prefetch_bucket_size"]))
 
     # Building: stages 0-2 construct the whole fp32 model on every rank before DeepSpeed moves it to
     # the GPU; stage 3 with partitioned construction draws one module's fp32 weights at a time.
@@ -405,6 +413,7 @@ def plan(
         spec.zero.offload_params,
         cluster,
         zero_config,
+        device,
     )
     acts = activation_bytes(spec.model, micro, spec.data.seq_len, spec.precision, device)
     gpu = Memory(gpu.params, gpu.grads, gpu.optimizer, acts, gpu.buffers)
