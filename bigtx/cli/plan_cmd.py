@@ -56,6 +56,12 @@ def render(result: Plan, title: str) -> str:
     lines.append(f"{'fits':14}{'yes' if result.fits_gpu else 'NO':>14}{'yes' if result.fits_host else 'NO':>16}")
     lines.append("")
     lines.append(f"fits: {'yes' if result.fits else 'no'}")
+    if result.faster:
+        lines.append("also fits, and saves work (each re-planned; one change at a time):")
+    for i, s in enumerate(result.faster, 1):
+        how = " ".join(f"--set {k}={json.dumps(v)}" for k, v in s.overrides.items())
+        lines.append(f"  {i}. {s.change}: {_gb(s.gpu_total)} per GPU, {_gb(s.host_total)} per node host")
+        lines.append(f"     {how}")
     if not result.fits:
         if result.suggestions:
             lines.append("cheapest changes that make it fit, each re-planned:")

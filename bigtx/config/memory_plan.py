@@ -108,6 +108,7 @@ class Plan:
     per_gpu: Memory
     per_node_host: Memory
     suggestions: list[Suggestion] = field(default_factory=list)
+    faster: list[Suggestion] = field(default_factory=list)  # when it fits: cheaper settings that fit too
 
     @property
     def fits_gpu(self) -> bool:
@@ -156,6 +157,7 @@ class Plan:
             "fits_host": self.fits_host,
             "fits": self.fits,
             "suggestions": [s.to_dict() for s in self.suggestions],
+            "faster": [s.to_dict() for s in self.faster],
         }
 
 
@@ -431,6 +433,8 @@ def plan(
     )
     if suggest and not result.fits:
         result = Plan(**{**result.__dict__, "suggestions": suggestions(spec, cluster, zero_config)})
+    elif suggest:
+        result = Plan(**{**result.__dict__, "faster": faster(spec, cluster, zero_config)})
     return result
 
 
@@ -584,3 +588,48 @@ def _suggestion(names: list[str], overrides: dict[str, Any], found: Plan, nodes_
         if "train.global_batch_size" in overrides and not any(n.startswith("micro-batch") for n in names):
             what.append(f"global batch {overrides['train.global_batch_size']} (to divide over {c.world_size} ranks)")
     return Suggestion(" + ".join(what), dict(overrides), c.nodes, found.per_gpu.total, found.per_node_host.total)
+
+
+def faster(spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] | None = None) -> list[Suggestion]:
+    """For a spec that fits: single changes that save work and still fit (each re-planned), the larger
+    saving first. Param and optimizer offload off (PCIe traffic every step), activation checkpointing
+    off (the recompute, about a third of a step's FLOPs), the lowest ZeRO stage that fits (stage 3
+    all-gathers the weights in the forward and again in the backward), and the largest micro-batch
+    that fits with the same global batch (fewer, larger matmuls)."""
+    z, m = spec.zero, spec.model
+    micro, _, glob = spec.batch_sizes(cluster.world_size)
+    groups: list[list[tuple[str, dict[str, Any]]]] = []
+    if z.offload_params:
+        groups.append([("no parameter offload", {"zero.offload_params": False})])
+    if z.offload_optimizer:
+        groups.append([("no optimizer offload", {"zero.offload_optimizer": False, "zero.offload_params": False})])
+    if m.activation_checkpointing != "none":
+        groups.append([("no activation checkpointing", {"model.activation_checkpointing": "none"})])
+    groups.append(
+        [
+            (
+                f"ZeRO stage {stage}",
+                {"zero.stage": stage} | ({"zero.offload_params": False} if z.offload_params else {}),
+            )
+            for stage in range(z.stage)
+            if not (stage == 0 and z.offload_optimizer)
+        ]
+    )
+    larger = []
+    for bigger in range(glob // cluster.world_size, micro, -1):
+        if glob % (bigger * cluster.world_size) == 0:
+            accum = glob // (bigger * cluster.world_size)
+            overrides = {"train.micro_batch_size": bigger, "train.grad_accum": accum, "train.global_batch_size": glob}
+            larger.append(
+                (f"micro-batch {bigger} with {accum} accumulation steps (same global batch {glob})", overrides)
+            )
+    groups.append(larger)
+    out: list[Suggestion] = []
+    for group in groups:  # within a group, the first that fits (the lowest stage, the largest micro-batch)
+        for change, overrides in group:
+            changed = _with(spec, overrides)
+            found = _fitting(changed, cluster, zero_config) if changed else None
+            if found:
+                out.append(Suggestion(change, overrides, cluster.nodes, found.per_gpu.total, found.per_node_host.total))
+                break
+    return out

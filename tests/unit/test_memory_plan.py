@@ -265,3 +265,20 @@ def test_the_planner_imports_neither_torch_nor_deepspeed() -> None:
     code = "import sys, bigtx.config.memory_plan; print(sorted({'torch', 'deepspeed'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_run_that_fits_gets_the_cheaper_settings_that_fit_too() -> None:
+    result = plan(load_spec("llama-7b"), Cluster(1, 8, 80 * GB, 10**12))
+    assert result.fits and result.suggestions == []
+    assert [s.overrides for s in result.faster] == [
+        {"zero.stage": 1},  # the lowest stage that fits; ZeRO-0 needs 146 GB
+        {"train.micro_batch_size": 32, "train.grad_accum": 4, "train.global_batch_size": 1024},
+    ]
+    assert not plan(load_spec("llama-7b", ["zero.stage=0"]), Cluster(1, 8, 80 * GB, 10**12)).fits
+    # activation checkpointing off does not fit (109.5 GB of activations per GPU)
+    assert not plan(load_spec("llama-7b", ["model.activation_checkpointing=none"]), Cluster(1, 8, 80 * GB, 10**12)).fits
+    for s in result.faster:
+        again = plan(
+            load_spec("llama-7b", [f"{k}={v}" for k, v in s.overrides.items()]), Cluster(1, 8, 80 * GB, 10**12)
+        )
+        assert again.fits and again.per_gpu.total == s.gpu_total
