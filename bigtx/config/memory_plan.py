@@ -277,20 +277,25 @@ def saved_activation_bytes(m: ModelSection, micro_batch: int, seq_len: int, prec
 def activation_bytes(m: ModelSection, micro_batch: int, seq_len: int, precision: str, device: str = "cuda") -> int:
     """Peak bytes of activations per rank for one micro-batch's forward and backward.
 
-    Without checkpointing every block's saved tensors are alive at the start of the backward. A
-    checkpointed block keeps only its input and recomputes the rest in the backward, one block at a
-    time. On top: the loss's fp32 chunks or one block's gradients in flight, whichever is larger.
+    The larger of two moments. At the end of the forward: every block's saved tensors (a checkpointed
+    block keeps only its input), the head's and the loss's, and the loss's fp32 chunks. During the
+    blocks' backward, once the head's tensors are freed: the blocks' saved tensors, the tensors a
+    checkpointed block recomputes (one block at a time), and one block's gradients in flight.
+    Checked against measured peaks by tools/bench_plan.py.
     """
     act = 4 if precision == "fp32" else 2
     n = micro_batch * seq_len
     ac = m.activation_checkpointing
-    n_ckpt = sum(ac == "every" or (isinstance(ac, int) and i % ac == 0) for i in range(m.n_layers))
+    checkpointed = [ac == "every" or (isinstance(ac, int) and i % ac == 0) for i in range(m.n_layers)]
     layer = layer_activation_bytes(m, micro_batch, seq_len, act)
-    saved = saved_activation_bytes(m, micro_batch, seq_len, precision)
-    # a checkpointed block keeps its input instead; one of them at a time recomputes its tensors
-    saved -= n_ckpt * (layer - act * n * m.d_model) - (layer if n_ckpt else 0)
-    loss = 2 * LOSS_CHUNK_BYTES.get(device, LOSS_CHUNK_BYTES["cuda"])
-    return saved + max(loss, _backward_working_set(m, n, act))
+    block_input = act * n * m.d_model
+    kept = [block_input if c else layer for c in checkpointed]
+    head = saved_activation_bytes(m, micro_batch, seq_len, precision) - m.n_layers * layer
+    end_of_forward = sum(kept) + head + 2 * LOSS_CHUNK_BYTES.get(device, LOSS_CHUNK_BYTES["cuda"])
+    # the blocks run their backward last to first, freeing theirs: the largest moment is the last
+    # block's, with all the others' tensors still kept and its own whole (recomputed if checkpointed)
+    in_backward = sum(kept[:-1]) + layer + _backward_working_set(m, n, act)
+    return max(end_of_forward, in_backward)
 
 
 # --------------------------------------------------------------------------------------------

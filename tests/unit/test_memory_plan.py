@@ -76,15 +76,21 @@ def test_saved_activations_are_exactly_what_autograd_saves(overrides: dict, prec
     assert saved_activation_bytes(cfg, 2, 64, precision) == _saved_bytes(cfg, dtype, 2, 64)
 
 
-def test_checkpointing_keeps_block_inputs_and_one_block() -> None:
+def test_checkpointing_keeps_block_inputs_and_recomputes_one_block() -> None:
     m = load_spec("llama-7b").model  # activation_checkpointing: every
     none = m.model_copy(update={"activation_checkpointing": "none"})
-    n, layer = 8 * 2048, layer_activation_bytes(m, 8, 2048, 2)
-    full = activation_bytes(none, 8, 2048, "bf16")
-    assert full - activation_bytes(m, 8, 2048, "bf16") == 32 * layer - (32 * 2 * n * m.d_model + layer)
-    # every 4th block: 8 checkpointed, 24 keep everything
-    every4 = m.model_copy(update={"activation_checkpointing": 4})
-    assert full - activation_bytes(every4, 8, 2048, "bf16") == 8 * layer - (8 * 2 * n * m.d_model + layer)
+    every4 = m.model_copy(update={"activation_checkpointing": 4})  # blocks 0, 4, ..., 28: 8 of 32
+    n, L = 8 * 2048, 32
+    layer, block_input = layer_activation_bytes(m, 8, 2048, 2), 2 * n * m.d_model
+    head = saved_activation_bytes(m, 8, 2048, "bf16") - L * layer  # final norm, head input, logits, targets
+    loss_chunks, grads_in_flight = 2 * 256 * 2**20, 2 * n * (2 * m.d_model + 3 * m.d_ff)
+    # without checkpointing the end of the forward is the peak; with it, the last block's recompute;
+    # every 4th: the last block (31) keeps its tensors, the head's and the loss's outweigh its gradients
+    assert activation_bytes(none, 8, 2048, "bf16") == L * layer + head + loss_chunks
+    assert activation_bytes(m, 8, 2048, "bf16") == L * block_input + layer - block_input + grads_in_flight
+    blocks4 = 8 * block_input + 24 * layer
+    assert activation_bytes(every4, 8, 2048, "bf16") == blocks4 + head + loss_chunks
+    assert (L * layer, layer, head) == (106_406_346_752, 3_325_198_336, 1_719_894_024)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_json_holds_the_planned_bytes(capsys: pytest.CaptureFixture[str]) -> Non
     assert set(data["per_gpu"]) == {"params", "grads", "optimizer", "activations", "buffers", "total"}
     assert set(data["per_node_host"]) == {"params", "grads", "optimizer", "activations", "buffers", "build", "total"}
     assert data["fits"] is True and data["suggestions"] == []
-    assert data["per_gpu"]["total"] == 31_965_571_848
+    assert data["per_gpu"]["total"] == 31_300_688_640
 
 
 def test_the_table_and_suggestions(capsys: pytest.CaptureFixture[str]) -> None:
