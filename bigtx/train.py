@@ -39,6 +39,7 @@ from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.layout import check_layout
 from bigtx.data import DataError, build_loader, check_data
 from bigtx.distributed import EXIT_ERROR, EXIT_FINISHED, EXIT_REQUEUE, EXIT_USAGE, DistEnv
+from bigtx.memory_check import memory_report
 from bigtx.metrics import MetricsLogger, peak_tflops
 from bigtx.model import Transformer
 from bigtx.optim import lr_at, param_groups
@@ -73,6 +74,12 @@ def preflight(spec: RunSpec, env: DistEnv) -> dict[str, Any]:
     distributed.timeout()
     lifetime.stop_grace()
     check_data(spec.data, spec.model.vocab_size)
+    if env.is_main:
+        # before anything is built: a run that will not fit says so while it is cheap to change
+        summary, warning = memory_report(spec, env.world_size, env.local_world_size, ds_config["zero_optimization"])
+        print(f"bigtx: {summary}", flush=True)
+        if warning:
+            print(f"bigtx: warning: {warning}", file=sys.stderr, flush=True)
     return ds_config
 
 

@@ -12,6 +12,7 @@ import yaml
 from bigtx.cli.common import UserError, spec_from_args
 from bigtx.config import RunSpec, add_spec_args, preset_names, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config
+from bigtx.memory_check import memory_report
 
 
 def _world_size(args: argparse.Namespace) -> int:
@@ -57,6 +58,9 @@ def _show(args: argparse.Namespace) -> int:
         "flops_per_token": spec.model.flops_per_token(spec.data.seq_len),
     }
     print(yaml.safe_dump(out, sort_keys=False), end="")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ws))
+    summary, _ = memory_report(spec, ws, local, ds["zero_optimization"])
+    print(f"# {summary}")  # a comment: the output stays valid YAML
     return 0
 
 

@@ -13,6 +13,7 @@ from bigtx.config import SpecError
 # Each module registers its sub-commands with `register(subparsers)`.
 COMMAND_MODULES = [
     "config_cmd",
+    "plan_cmd",
     "tokenizer_cmd",
     "data_cmd",
     "train_cmd",

@@ -67,6 +67,28 @@ MODEL_PRESETS: dict[str, dict[str, object]] = {
         "d_ff": 11008,
         "max_seq_len": 4096,
     },
+    # exactly Llama-2-13B: 13,015,864,320 parameters
+    "llama-13b": {
+        **_LLAMA,
+        "vocab_size": 32000,
+        "d_model": 5120,
+        "n_layers": 40,
+        "n_heads": 40,
+        "n_kv_heads": 40,
+        "d_ff": 13824,
+        "max_seq_len": 4096,
+    },
+    # exactly Llama-2-70B (grouped-query attention, 8 KV heads): 68,976,648,192 parameters
+    "llama-70b": {
+        **_LLAMA,
+        "vocab_size": 32000,
+        "d_model": 8192,
+        "n_layers": 80,
+        "n_heads": 64,
+        "n_kv_heads": 8,
+        "d_ff": 28672,
+        "max_seq_len": 4096,
+    },
     "classic-tiny": {
         **_CLASSIC,
         "vocab_size": 320,

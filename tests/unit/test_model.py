@@ -107,11 +107,15 @@ def test_param_count_matches_spec_for_variants(overrides: dict[str, object]) -> 
     assert Transformer(cfg).num_params() == cfg.num_params()
 
 
-def test_llama_7b_preset_matches_llama2_size() -> None:
-    assert ModelSection(preset="llama-7b").num_params() == 6_738_415_616
+@pytest.mark.parametrize(
+    ("preset", "published"),
+    [("llama-7b", 6_738_415_616), ("llama-13b", 13_015_864_320), ("llama-70b", 68_976_648_192)],
+)
+def test_llama_presets_match_llama2_sizes(preset: str, published: int) -> None:
+    assert ModelSection(preset=preset).num_params() == published
 
 
-@pytest.mark.parametrize("preset", ["llama-125m", "llama-1.3b", "llama-7b"])
+@pytest.mark.parametrize("preset", ["llama-125m", "llama-1.3b", "llama-7b", "llama-70b"])
 def test_big_presets_build_on_meta_without_allocating(preset: str) -> None:
     before = _rss_bytes()
     with torch.device("meta"):

@@ -31,7 +31,7 @@ def errors_of(data: dict) -> list[str]:
 
 def test_every_preset_validates() -> None:
     names = preset_names()
-    assert {"tiny", "demo", "llama-125m", "llama-1.3b", "llama-7b"} <= set(names)
+    assert {"tiny", "demo", "llama-125m", "llama-1.3b", "llama-7b", "llama-13b", "llama-70b"} <= set(names)
     for name in names:
         spec = load_spec(name)
         derive_deepspeed_config(spec, world_size=1)
@@ -207,6 +207,14 @@ def test_cli_validate_exit_codes(tmp_path) -> None:
     broken.write_text("train: {max_steps: 3\n")
     res = run_cli("config", "validate", str(broken))
     assert res.returncode == 2 and "YAML syntax error" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_validate_reports_the_published_llama2_counts() -> None:
+    # Llama-2-70B: grouped-query attention (8 KV heads) and d_ff 28672, as published
+    assert run_cli("config", "validate", "llama-70b").stdout == "llama-70b: ok (68,976,648,192 parameters)\n"
+    assert run_cli("config", "validate", "llama-13b").stdout == "llama-13b: ok (13,015,864,320 parameters)\n"
+    m = load_spec("llama-70b").model
+    assert (m.n_heads, m.kv_heads, m.d_ff) == (64, 8, 28672)
 
 
 def test_cli_show_and_schema() -> None:
