@@ -43,14 +43,15 @@ MODEL = [
 BYTES_PER_PARAM = 16  # bf16 weight + bf16 gradient + fp32 master weight + two fp32 Adam moments
 
 
-def peak_rss_bytes(procs: list[subprocess.Popen]) -> list[int]:
+def peak_rss_bytes(procs: list[subprocess.Popen], logs: list[Path] | None = None) -> list[int]:
     """Wait for each process and return its peak resident set (``ru_maxrss`` is in KiB on Linux)."""
     peaks = []
-    for p in procs:
+    for i, p in enumerate(procs):
         _, status, usage = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
         if p.returncode != 0:
-            raise SystemExit(f"bench_memory: a rank exited with {p.returncode}; see the logs in the work directory")
+            tail = logs[i].read_text()[-3000:] if logs else ""
+            raise SystemExit(f"bench_memory: rank {i} exited with {p.returncode}:\n{tail}")
         peaks.append(usage.ru_maxrss * 1024)
     return peaks
 
@@ -72,6 +73,7 @@ def measure(checkout: Path, ranks: int, steps: int, shards: Path, work: Path, ex
         f"run.dir={run_dir}",
         f"data.train={shards}",
         f"train.max_steps={steps}",
+        "schedule.warmup_steps=1",
         "train.eval_every=0",
         "checkpoint.every_steps=0",
         "checkpoint.save_at_end=false",
@@ -80,7 +82,7 @@ def measure(checkout: Path, ranks: int, steps: int, shards: Path, work: Path, ex
     ]
     cmd = [sys.executable, "-m", "bigtx.train", "tiny", *(f"--set={o}" for o in overrides)]
     logs = [work / f"rank{r}-of-{ranks}.log" for r in range(ranks)]
-    return peak_rss_bytes(spawn_local(cmd, ranks, checkout_env(checkout), logs, cwd=checkout))
+    return peak_rss_bytes(spawn_local(cmd, ranks, checkout_env(checkout), logs, cwd=checkout), logs)
 
 
 def num_params(checkout: Path, extra: list[str]) -> int:
