@@ -203,7 +203,6 @@ def build_model(spec: RunSpec, rank: int, world_size: int, ds_config: dict[str, 
             else functools.partial(model.initial_value, seed=spec.run.seed)
         )
         zero3.write_parameters(model, value_of, rank, world_size)
-        zero3.register_tied_head(model)
     if spec.model.init_from and fresh:
         log.info("initialised weights from %s", spec.model.init_from)
     return model

@@ -5,6 +5,10 @@ Checked against DeepSpeed 0.19.8. Under ``zero.stage: 3`` bigtx builds the model
 module is constructed, so no rank ever holds the whole model. A partitioned parameter's local
 tensor is empty; its full shape is ``ds_shape``. Initial values are then written one parameter at
 a time while it is gathered (``write_parameters``).
+
+Tied embeddings need no ``register_external_parameter``: DeepSpeed registers a parameter that a
+forward uses outside its own module on first access (``ZeROOrderedDict`` in parameter_offload.py);
+the tied first step of tests/distributed/test_zero3.py equals ZeRO-2's without registering it.
 """
 
 from __future__ import annotations
@@ -36,15 +40,6 @@ def partitioned_construction(ds_config: dict[str, Any], enabled: bool) -> contex
     import deepspeed
 
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
-
-
-def register_tied_head(model: nn.Module) -> None:
-    """With tied embeddings the root module's forward uses ``embed.weight`` as the output head; tell
-    ZeRO-3 so it gathers the weight for the root's forward and backward, not only for the embedding's."""
-    import deepspeed
-
-    if getattr(model, "lm_head", None) is None and is_partitioned(model.embed.weight):
-        deepspeed.zero.register_external_parameter(model, model.embed.weight)
 
 
 @torch.no_grad()
