@@ -75,6 +75,7 @@ def measure(checkout: Path, ranks: int, steps: int, shards: Path, work: Path, ex
         f"train.max_steps={steps}",
         "schedule.warmup_steps=1",
         "train.eval_every=0",
+        "train.eval_batches=1",  # the final evaluation would otherwise add 8 forwards to a 2-step run
         "checkpoint.every_steps=0",
         "checkpoint.save_at_end=false",
         "train.progress_bar=false",
