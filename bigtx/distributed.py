@@ -100,6 +100,28 @@ def timeout() -> timedelta:
     return timedelta(seconds=lifetime.seconds_from_env("BIGTX_DIST_TIMEOUT_S", "600"))
 
 
+# mallopt(3) parameter number from glibc's <malloc.h>
+_M_MMAP_THRESHOLD = -3
+
+
+def cap_mmap_threshold(limit: int = 1 << 20) -> bool:
+    """Serve every allocation of ``limit`` bytes or more with its own mmap, so freeing it returns the
+    memory to the system at once. Returns whether it was set (glibc only; a no-op elsewhere).
+
+    glibc's threshold is dynamic: each freed mmapped chunk raises it to that chunk's size (up to 32
+    MiB), so after the first big tensors are freed, later ones of that size come from the heap and
+    stay in the process's resident memory after they are freed. Setting it fixes the threshold. On
+    the CPU, a 273M-parameter ZeRO-3 bf16 run on 4 ranks peaked at 2.4 GB per rank with 1 MiB,
+    more without (tools/bench_memory.py, README).
+    """
+    import ctypes
+    import platform
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, limit))
+
+
 def init(env: DistEnv) -> None:
     """Start the process group (gloo on CPU, NCCL on GPUs) through DeepSpeed.
 
@@ -109,6 +131,7 @@ def init(env: DistEnv) -> None:
     """
     import deepspeed
 
+    cap_mmap_threshold()
     if env.launcher != "single":
         lifetime.die_with_parent(signal.SIGTERM)
 

@@ -9,6 +9,7 @@ loop: ``train_step``, one collective, log, evaluate, checkpoint, stop.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ import torch.distributed as dist
 import yaml
 
 import bigtx
-from bigtx import checkpoint, distributed, lifetime
+from bigtx import checkpoint, distributed, lifetime, zero3
 from bigtx.checkpoint.resume import FINISHED, ResumePlan, plan_resume
 from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config
@@ -42,6 +43,7 @@ from bigtx.distributed import EXIT_ERROR, EXIT_FINISHED, EXIT_REQUEUE, EXIT_USAG
 from bigtx.memory_check import memory_report
 from bigtx.metrics import MetricsLogger, peak_tflops
 from bigtx.model import Transformer
+from bigtx.model.weights import load_weights, weight_reader
 from bigtx.optim import lr_at, param_groups
 
 log = logging.getLogger("bigtx")
@@ -187,21 +189,43 @@ class Job:
                 loader.close()
 
 
+def build_model(spec: RunSpec, rank: int, world_size: int, ds_config: dict[str, Any], fresh: bool) -> Transformer:
+    """The model with its initial weights: from ``model.init_from`` when ``fresh`` (no checkpoint to
+    resume), else from ``run.seed`` (identical on every rank and for every ZeRO stage).
+
+    Under ZeRO-3 it is built partitioned (``bigtx.zero3``): no rank ever holds the whole model, and
+    the initial values are written parameter by parameter while each is gathered.
+    """
+    partitioned = spec.zero.stage == 3
+    with zero3.partitioned_construction(ds_config, partitioned):
+        model = Transformer(spec.model)
+    model.refill_buffers()
+    if not partitioned:
+        model.init_weights(spec.run.seed)
+        if spec.model.init_from and fresh:
+            load_weights(model, spec.model.init_from)
+    else:
+        shapes = {name: zero3.full_shape(p) for name, p in model.named_parameters()}
+        value_of = (
+            weight_reader(spec.model.init_from, spec.model, shapes)
+            if spec.model.init_from and fresh
+            else functools.partial(model.initial_value, seed=spec.run.seed)
+        )
+        zero3.write_parameters(model, value_of, rank, world_size)
+    if spec.model.init_from and fresh:
+        log.info("initialised weights from %s", spec.model.init_from)
+    return model
+
+
 def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePlan) -> Job:
     """Model (identical initial weights on every rank, from run.seed), DeepSpeed engine, loaders."""
     import deepspeed
 
     seed_everything(spec.run.seed, env.rank)
-    model = Transformer(spec.model)
-    model.init_weights(spec.run.seed)
-    if spec.model.init_from and plan.checkpoint is None:
-        from bigtx.model.weights import load_weights
-
-        load_weights(model, spec.model.init_from)
-        log.info("initialised weights from %s", spec.model.init_from)
+    model = build_model(spec, env.rank, env.world_size, ds_config, fresh=plan.checkpoint is None)
     checkpoint.mark_universal_capable(model)
 
-    groups = param_groups(model, spec.optim)
+    groups = param_groups(model, spec.optim, shape_of=zero3.full_shape)
     names = {id(p): name for name, p in model.named_parameters()}
     group_names = [[names[id(p)] for p in group["params"]] for group in groups]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)

@@ -22,7 +22,6 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from bigtx.export import open_source
     from bigtx.model import Transformer
-    from bigtx.model.layers import sinusoidal_table
 
     source = open_source(Path(args.model), args.tag)
     cfg = source.spec.model.model_copy(update={"compile": False, "dropout": 0.0, "activation_checkpointing": "none"})
@@ -30,13 +29,13 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     # built on the meta device and then allocated once: no time spent on a random init
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=args.device).to(dtype).eval()
+    model = model.to_empty(device=args.device)
+    model.refill_buffers()  # non-persistent buffers are in no weights file
+    model = model.to(dtype).eval()
     state = model.state_dict()
     with torch.no_grad():
         for key, tensor in source.tensors():  # one tensor at a time: no second copy of the model
             state[key].copy_(tensor)
-        if cfg.position == "sinusoidal":  # a non-persistent buffer, not in any weights file
-            model.pos_table.copy_(sinusoidal_table(cfg.max_seq_len, cfg.d_model))
     return model, source
 
 

@@ -65,6 +65,9 @@ def _derived(spec: RunSpec, world_size: int) -> dict[str, Any]:
     }
     if spec.zero.stage == 3:
         zero["offload_param"] = {"device": "cpu" if spec.zero.offload_params else "none"}
+        # bigtx builds the model inside deepspeed.zero.Init (bigtx.zero3), which would otherwise replace
+        # torch.nn.functional.linear for the whole process with DeepSpeed's own version
+        zero["memory_efficient_linear"] = False
     # ZeRO++ keys only when on, so that the DeepSpeed config of a run without it is unchanged
     if spec.zero.hpz_partition_size > 1:
         zero["zero_hpz_partition_size"] = spec.zero.hpz_partition_size
@@ -112,6 +115,17 @@ def _derived(spec: RunSpec, world_size: int) -> dict[str, Any]:
     return cfg
 
 
+def _zero3_buckets(d_model: int) -> dict[str, int]:
+    """ZeRO-3 communication bucket sizes scaled to the model width, as Hugging Face's DeepSpeed
+    integration derives them ("auto"); DeepSpeed's fixed defaults (5e8 elements) hold buffers far
+    bigger than a small model's layers. Defaults only: a base file may set any of them."""
+    return {
+        "reduce_bucket_size": d_model * d_model,
+        "stage3_prefetch_bucket_size": int(0.9 * d_model * d_model),
+        "stage3_param_persistence_threshold": 10 * d_model,
+    }
+
+
 def _contradictions(base: Any, derived: Any, path: str = "") -> list[str]:
     """Keys present in both with different values (dicts compared recursively)."""
     if isinstance(base, dict) and isinstance(derived, dict):
@@ -154,5 +168,7 @@ def derive_deepspeed_config(spec: RunSpec, world_size: int, load_universal: bool
             "(zero.*, train.*, precision, optim.*) and delete them from the base file: " + "; ".join(sorted(clashes))
         )
     cfg = _merge(base, derived)
+    if spec.zero.stage == 3:
+        cfg["zero_optimization"] = {**_zero3_buckets(spec.model.d_model), **cfg["zero_optimization"]}
     cfg["checkpoint"] = {**base.get("checkpoint", {}), "load_universal": load_universal}
     return cfg

@@ -3,13 +3,15 @@
 Construction follows PyTorch's usual module defaults (global RNG, like any ``nn.Linear``); the bigtx
 initialisation is ``init_weights(seed)``, which the caller runs after construction. On
 ``torch.device("meta")`` construction allocates nothing, so a big model can be built there, moved
-with ``to_empty(device=...)`` and then initialised with ``init_weights``.
+with ``to_empty(device=...)`` and then initialised with ``init_weights``. Under ZeRO-3 the model is
+built partitioned (``bigtx.zero3``) and each parameter set to ``initial_value``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +86,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         if cfg.position == "sinusoidal":
-            # non-persistent: not in the state dict; init_weights re-fills it after to_empty()
+            # non-persistent: not in the state dict; refill_buffers() re-fills it after to_empty()
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -101,28 +103,42 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Initialise every parameter deterministically from ``seed``, independent of the global RNG.
+        """Initialise every parameter deterministically from ``seed`` (``initial_value``), independent of
+        the global RNG and of where the model lives; also re-fills the non-persistent buffers."""
+        for name, p in self.named_parameters():
+            p.copy_(self.initial_value(name, p.shape, seed))
+        self.refill_buffers()
+
+    def initial_value(self, name: str, shape: Sequence[int], seed: int) -> Tensor:
+        """The initial value of parameter ``name`` (of full shape ``shape``): fp32, on the CPU.
 
         Linear and embedding weights ~ N(0, init_std), residual output projections (attention
         ``o_proj``, MLP ``down_proj``/``fc_out``) ~ N(0, init_std / sqrt(2 * n_layers)), biases 0,
         norm weights 1. Each parameter draws from its own generator seeded by (seed, name), so the
-        result is bit-identical across processes and does not depend on parameter order. Also
-        re-fills the sinusoidal position table.
+        result is bit-identical across processes and ranks and does not depend on parameter order;
+        ZeRO-3 (``bigtx.zero3``) writes these values into the gathered parameters one by one.
         """
+        value = torch.empty(tuple(shape), dtype=torch.float32, device="cpu")
+        owner = self.get_submodule(name.rpartition(".")[0])
+        if name.endswith(".bias"):
+            return value.zero_()
+        if isinstance(owner, (RMSNorm, nn.LayerNorm)):
+            return value.fill_(1.0)
         std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, (RMSNorm, nn.LayerNorm))}
-        for name, p in self.named_parameters():
-            if name.endswith(".bias"):
-                p.zero_()
-            elif id(p) in norm_weights:
-                p.fill_(1.0)
-            else:
-                digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-                gen = torch.Generator(device=p.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-                p.normal_(0.0, residual_std if name.endswith(_RESIDUAL_PROJECTIONS) else std, generator=gen)
+        if name.endswith(_RESIDUAL_PROJECTIONS):
+            std = std / math.sqrt(2 * self.cfg.n_layers)
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return value.normal_(0.0, std, generator=gen)
+
+    @torch.no_grad()
+    def refill_buffers(self) -> None:
+        """Recompute the non-persistent buffers (the sinusoidal position table) in fp32 on their device:
+        they are in no state dict or weights file, ``to_empty`` leaves them uninitialised, and under
+        ``deepspeed.zero.Init`` they are computed in the parameter dtype (positions rounded to bf16)."""
         if self.cfg.position == "sinusoidal":
-            self.pos_table.copy_(sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model))
+            table = sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model)
+            self.register_buffer("pos_table", table.to(self.pos_table.device), persistent=False)
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """Logits [B, T, vocab] for ``input_ids`` [B, T], or the mean cross-entropy if ``targets`` is given.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -72,38 +73,60 @@ def _check_architecture(saved: ModelSection, cfg: ModelSection, path: Path) -> N
             log.warning("model.init_from: %s has model.%s=%r, this run %r", path, f, getattr(saved, f), getattr(cfg, f))
 
 
-@torch.no_grad()
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Copy the weights in ``path`` into ``model`` (a ``Transformer``), casting to its dtype.
+def weight_reader(path: str | Path, cfg: ModelSection | None, shapes: Mapping[str, Sequence[int]]) -> WeightReader:
+    """Check the weights in ``path`` against a model and return a reader of its tensors by name.
 
-    Every key of the model's state dict must be present with the same shape, and no other key may
-    be; when ``path/spec.yaml`` exists its model section must describe the same architecture.
-    Raises ``ValueError`` naming what does not fit, ``FileNotFoundError`` for a wrong path.
+    ``shapes`` maps every state-dict key of the model to its full shape (under ZeRO-3 the partition
+    metadata's, see ``bigtx.zero3.full_shape``). Every key must be present with that shape, and no
+    other key may be; when ``path/spec.yaml`` exists its model section must describe the same
+    architecture as ``cfg``. All of this is checked before any tensor is read. Raises ``ValueError``
+    naming what does not fit, ``FileNotFoundError`` for a wrong path.
     """
     path = Path(path)
     files = tensor_files(path)
     saved = read_model_section(path) if path.is_dir() else None
-    cfg = getattr(model, "cfg", None)
-    if saved is not None and isinstance(cfg, ModelSection):
+    if saved is not None and cfg is not None:
         _check_architecture(saved, cfg, path)
-    targets = model.state_dict(keep_vars=True)
-    missing = sorted(set(targets) - set(files))
-    unexpected = sorted(set(files) - set(targets))
+    missing = sorted(set(shapes) - set(files))
+    unexpected = sorted(set(files) - set(shapes))
     if missing or unexpected:
         raise ValueError(
             f"model.init_from: {path} does not fit the model: "
             f"missing {missing[:8] or 'none'}, unexpected {unexpected[:8] or 'none'}"
         )
     by_file: dict[Path, list[str]] = {}
-    for key in targets:
+    for key in shapes:
         by_file.setdefault(files[key], []).append(key)
     for file, keys in by_file.items():
         with safe_open(file, framework="pt") as f:
             for key in keys:
-                target = targets[key]
                 shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(target.shape):
+                if shape != tuple(shapes[key]):
                     raise ValueError(
-                        f"model.init_from: {key} has shape {shape} in {file}, the model {tuple(target.shape)}"
+                        f"model.init_from: {key} has shape {shape} in {file}, the model {tuple(shapes[key])}"
                     )
-                target.copy_(f.get_tensor(key).to(target.dtype))
+    return WeightReader(files)
+
+
+class WeightReader:
+    """Reads one tensor at a time (``reader(key)``), so loading never holds a second copy of the model."""
+
+    def __init__(self, files: Mapping[str, Path]) -> None:
+        self._files = files
+
+    def __call__(self, key: str, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """The whole tensor ``key`` as stored; ``shape`` (already checked) is accepted so the reader can
+        stand in for ``Transformer.initial_value`` in ``bigtx.zero3.write_parameters``."""
+        with safe_open(self._files[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy the weights in ``path`` into ``model`` (a ``Transformer``, not partitioned), casting to its
+    dtype; checked as ``weight_reader`` describes."""
+    targets = model.state_dict(keep_vars=True)
+    cfg = getattr(model, "cfg", None)
+    read = weight_reader(path, cfg if isinstance(cfg, ModelSection) else None, {k: t.shape for k, t in targets.items()})
+    for key, target in targets.items():
+        target.copy_(read(key).to(target.dtype))

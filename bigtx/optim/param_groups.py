@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from bigtx.config.spec import OptimSection
 
@@ -12,18 +13,22 @@ from bigtx.config.spec import OptimSection
 _EMBEDDINGS = ("embed.weight", "pos_embed.weight")
 
 
-def param_groups(model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, optim: OptimSection, shape_of: Callable[[Tensor], Sequence[int]] = lambda p: p.shape
+) -> list[dict[str, Any]]:
     """Two groups: decayed (2-D weights, embeddings only if ``optim.decay_embeddings``) and the rest.
 
     Norm weights, biases and embeddings (by default) get no weight decay. Each group carries a
-    ``name`` so logs and tests can tell them apart.
+    ``name`` so logs and tests can tell them apart. ``shape_of`` gives a parameter's full shape: a
+    ZeRO-3 partitioned parameter's own tensor is a flat (often empty) partition, so training passes
+    ``bigtx.zero3.full_shape``.
     """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         is_embedding = name in _EMBEDDINGS
-        if param.ndim >= 2 and (not is_embedding or optim.decay_embeddings):
+        if len(shape_of(param)) >= 2 and (not is_embedding or optim.decay_embeddings):
             decay.append(param)
         else:
             no_decay.append(param)

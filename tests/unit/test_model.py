@@ -298,3 +298,44 @@ def test_logits_match_hugging_face_llama(tied: bool, n_kv_heads: int) -> None:
     with torch.no_grad():
         ours, theirs = model(ids), hf(input_ids=ids).logits
     assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+# sha256 (first 16 hex digits) of the state dict and position table after init_weights(123), as the
+# per-name seeded init produced them before initial_value existed: ZeRO-3 writes initial_value into
+# gathered parameters, so it must stay bit-identical to the unpartitioned build.
+_INIT_HASHES = {
+    (): "0afee273266026bf",
+    (("tie_embeddings", True),): "8a3982a3826528a0",
+    (("qk_norm", True),): "a377cea2cb2d15cc",
+    (("bias", True), ("norm", "layernorm")): "51754349b5e52a48",
+    (("mlp", "gelu"), ("position", "sinusoidal"), ("bias", True)): "45b1ffa567eda4d6",
+    (("position", "learned"), ("norm_placement", "post")): "992f127c5b153329",
+}
+
+
+@pytest.mark.parametrize("flags", list(_INIT_HASHES), ids=lambda f: "-".join(k for k, _ in f) or "default")
+def test_initial_values_are_unchanged(flags: tuple) -> None:
+    import hashlib
+
+    torch.manual_seed(0)
+    model = build(tiny(**dict(flags)), seed=123)
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.contiguous().numpy().tobytes())
+    if hasattr(model, "pos_table"):
+        h.update(model.pos_table.numpy().tobytes())
+    assert h.hexdigest()[:16] == _INIT_HASHES[flags]
+    for name, p in model.named_parameters():
+        value = model.initial_value(name, p.shape, seed=123)
+        assert value.dtype == torch.float32 and value.device.type == "cpu" and torch.equal(value, p), name
+
+
+def test_refill_buffers_after_meta_construction() -> None:
+    cfg = tiny(position="sinusoidal")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    model.refill_buffers()
+    assert torch.equal(model.pos_table, Transformer(cfg).pos_table)
+    assert model.pos_table.dtype == torch.float32

@@ -52,3 +52,16 @@ def test_schedule_values_at_known_steps() -> None:
     # cosine: 1e-4 + 9e-4 * 0.5 * (1 + cos(pi * 15 / 45))
     assert lr_at(20, 50, optim, sched) == pytest.approx(7.75e-4, rel=1e-12)
     assert lr_at(50, 50, optim, sched) == pytest.approx(1e-4, rel=1e-12)
+
+
+def test_weight_decay_groups_use_the_full_shape_of_partitioned_parameters() -> None:
+    from bigtx import zero3
+
+    toy = Toy()
+    for p in toy.parameters():  # what a ZeRO-3 partitioned parameter looks like: an empty local tensor
+        p.ds_id, p.ds_shape = 0, p.shape
+        p.data = p.data.new_empty(0)
+    groups = {g["name"]: g for g in param_groups(toy, OptimSection(weight_decay=0.1), shape_of=zero3.full_shape)}
+    assert [p.ds_shape for p in groups["decay"]["params"]] == [(4, 4)]
+    assert len(groups["no_decay"]["params"]) == 4
+    assert len(param_groups(toy, OptimSection())[0]["params"]) == 0  # the local shape alone would decay nothing
