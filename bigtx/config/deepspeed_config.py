@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bigtx.config.loading import shipped_dir
 from bigtx.config.spec import RunSpec
 
@@ -94,7 +92,7 @@ def _derived(spec: RunSpec, world_size: int) -> dict[str, Any]:
                 "weight_decay": spec.optim.weight_decay,
                 # torch's AdamW: DeepSpeed's fused CPU Adam rounds differently once a checkpoint is
                 # reloaded (its SIMD path depends on the buffer's alignment), which breaks exact resume
-                "torch_adam": not torch.cuda.is_available(),
+                "torch_adam": not _cuda_available(),
             },
         },
         "steps_per_print": _QUIET_STEPS,
@@ -115,7 +113,13 @@ def _derived(spec: RunSpec, world_size: int) -> dict[str, Any]:
     return cfg
 
 
-def _zero3_buckets(d_model: int) -> dict[str, int]:
+def _cuda_available() -> bool:
+    import torch  # here, not at the top: the memory planner imports this module without torch
+
+    return torch.cuda.is_available()
+
+
+def zero3_bucket_defaults(d_model: int) -> dict[str, int]:
     """ZeRO-3 communication bucket sizes scaled to the model width, as Hugging Face's DeepSpeed
     integration derives them ("auto"); DeepSpeed's fixed defaults (5e8 elements) hold buffers far
     bigger than a small model's layers. Defaults only: a base file may set any of them."""
@@ -169,6 +173,6 @@ def derive_deepspeed_config(spec: RunSpec, world_size: int, load_universal: bool
         )
     cfg = _merge(base, derived)
     if spec.zero.stage == 3:
-        cfg["zero_optimization"] = {**_zero3_buckets(spec.model.d_model), **cfg["zero_optimization"]}
+        cfg["zero_optimization"] = {**zero3_bucket_defaults(spec.model.d_model), **cfg["zero_optimization"]}
     cfg["checkpoint"] = {**base.get("checkpoint", {}), "load_universal": load_universal}
     return cfg
