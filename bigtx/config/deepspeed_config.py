@@ -119,17 +119,6 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def zero3_bucket_defaults(d_model: int) -> dict[str, int]:
-    """ZeRO-3 communication bucket sizes scaled to the model width, as Hugging Face's DeepSpeed
-    integration derives them ("auto"); DeepSpeed's fixed defaults (5e8 elements) hold buffers far
-    bigger than a small model's layers. Defaults only: a base file may set any of them."""
-    return {
-        "reduce_bucket_size": d_model * d_model,
-        "stage3_prefetch_bucket_size": int(0.9 * d_model * d_model),
-        "stage3_param_persistence_threshold": 10 * d_model,
-    }
-
-
 def _contradictions(base: Any, derived: Any, path: str = "") -> list[str]:
     """Keys present in both with different values (dicts compared recursively)."""
     if isinstance(base, dict) and isinstance(derived, dict):
@@ -172,7 +161,5 @@ def derive_deepspeed_config(spec: RunSpec, world_size: int, load_universal: bool
             "(zero.*, train.*, precision, optim.*) and delete them from the base file: " + "; ".join(sorted(clashes))
         )
     cfg = _merge(base, derived)
-    if spec.zero.stage == 3:
-        cfg["zero_optimization"] = {**zero3_bucket_defaults(spec.model.d_model), **cfg["zero_optimization"]}
     cfg["checkpoint"] = {**base.get("checkpoint", {}), "load_universal": load_universal}
     return cfg

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bigtx.config.deepspeed_config import zero3_bucket_defaults
 from bigtx.config.spec import ModelSection, RunSpec
 
 # Under ZeRO-3 bigtx builds the model inside deepspeed.zero.Init (partitioned construction), so no
@@ -303,13 +302,11 @@ def activation_bytes(m: ModelSection, micro_batch: int, seq_len: int, precision:
 # Model states and buffers.
 
 
-def _zero_settings(zero_config: Mapping[str, Any] | None, stage: int, d_model: int) -> dict[str, Any]:
-    """Bucket sizes as the derived DeepSpeed config sets them for ``stage``: DeepSpeed's defaults,
-    bigtx's ZeRO-3 defaults from d_model, then ``zero_config``'s values when it was derived for the
-    same stage (a suggestion that changes the stage gets that stage's own defaults)."""
+def _zero_settings(zero_config: Mapping[str, Any] | None, stage: int) -> dict[str, Any]:
+    """Bucket sizes for ``stage``: DeepSpeed's defaults, then ``zero_config``'s values when it was
+    derived for the same stage (a suggestion that changes the stage plans with DeepSpeed's defaults,
+    since a base file's buckets belong to its own stage)."""
     out: dict[str, Any] = dict(DEEPSPEED_ZERO_DEFAULTS)
-    if stage == 3:
-        out.update(zero3_bucket_defaults(d_model))
     same_stage = zero_config is not None and zero_config.get("stage", stage) == stage
     for key in DEEPSPEED_ZERO_DEFAULTS:
         if same_stage and key in zero_config:  # type: ignore[operator]
@@ -333,7 +330,7 @@ def model_states(
     Mixed precision (bf16/fp16): 16-bit params and grads, fp32 master weights, fp32 Adam moments,
     and fp32 gradients for the optimizer step. fp32: the params are the master weights.
     """
-    z = _zero_settings(zero_config, stage, m.d_model)
+    z = _zero_settings(zero_config, stage)
     P, N, g = m.num_params(), cluster.world_size, cluster.gpus_per_node
     low = 4 if precision == "fp32" else 2  # bytes of a model-dtype param/grad
     master = 0 if precision == "fp32" else 4

@@ -141,17 +141,19 @@ def test_bucket_sizes_from_the_deepspeed_config_are_used() -> None:
     default, _ = model_states(m, "bf16", 3, False, False, Cluster(1, 8, GB, GB))
     zero3 = {"reduce_bucket_size": 50_000_000, "stage3_prefetch_bucket_size": 50_000_000}  # ds_configs/zero3.json
     small_buckets, _ = model_states(m, "bf16", 3, False, False, Cluster(1, 8, GB, GB), zero3)
-    d2 = m.d_model * m.d_model  # bigtx derives ZeRO-3 buckets from d_model (deepspeed_config.zero3_bucket_defaults)
-    assert default.buffers == 2 * (d2 + int(0.9 * d2))
+    assert default.buffers == 2 * (500_000_000 + 50_000_000)
     assert small_buckets.buffers == 2 * (50_000_000 + 50_000_000)
 
 
 def test_a_stage_change_plans_with_that_stages_buckets() -> None:
-    """A ZeRO-3 config's d_model buckets do not carry over to a ZeRO-1 plan: DeepSpeed's 5e8 apply."""
-    spec = load_spec("llama-7b")
+    """A ZeRO-3 base file's buckets do not carry over to a ZeRO-1 plan: DeepSpeed's 5e8 apply."""
+    spec = load_spec("llama-7b", ["deepspeed.base=zero3"])
     derived = derive_deepspeed_config(spec, 8)["zero_optimization"]
     stage1, _ = model_states(spec.model, "bf16", 1, False, False, Cluster(1, 8, GB, GB), derived)
-    assert stage1.buffers == 2 * 500_000_000
+    defaults, _ = model_states(
+        spec.model, "bf16", 1, False, False, Cluster(1, 8, GB, GB), {"overlap_comm": derived["overlap_comm"]}
+    )
+    assert derived["reduce_bucket_size"] == 50_000_000 and stage1.buffers == defaults.buffers
 
 
 def test_llama_70b_fits_eight_nodes_and_suggests_three_from_one() -> None:
