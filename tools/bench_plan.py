@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bare_engine import deepspeed_engine
 from local_ranks import spawn_local
 
 BASE = [
@@ -31,32 +32,11 @@ BASE = [
     "model.max_seq_len=1024",
     "train.grad_accum=1",
 ]
+D256 = ["model.d_model=256", "model.n_layers=4", "model.d_ff=688", "data.seq_len=512", "train.micro_batch_size=4"]
 CASES: dict[str, list[str]] = {
-    "d256 L4 T512 b4 bf16 ZeRO-2": [
-        "model.d_model=256",
-        "model.n_layers=4",
-        "model.d_ff=688",
-        "data.seq_len=512",
-        "train.micro_batch_size=4",
-        "zero.stage=2",
-    ],
-    "same, checkpointing": [
-        "model.d_model=256",
-        "model.n_layers=4",
-        "model.d_ff=688",
-        "data.seq_len=512",
-        "train.micro_batch_size=4",
-        "zero.stage=2",
-        "model.activation_checkpointing=every",
-    ],
-    "same, ZeRO-3": [
-        "model.d_model=256",
-        "model.n_layers=4",
-        "model.d_ff=688",
-        "data.seq_len=512",
-        "train.micro_batch_size=4",
-        "zero.stage=3",
-    ],
+    "d256 L4 T512 b4 bf16 ZeRO-2": [*D256, "zero.stage=2"],
+    "same, checkpointing": [*D256, "zero.stage=2", "model.activation_checkpointing=every"],
+    "same, ZeRO-3": [*D256, "zero.stage=3"],
     "d128 L6 T1024 b4 fp32 ZeRO-1": [
         "model.d_model=128",
         "model.n_layers=6",
@@ -92,26 +72,13 @@ def _status(field: str) -> int:
 
 def worker(overrides: list[str], out: Path) -> None:
     """One rank: build, warm up, then measure the peak of one forward + backward over the RSS before it."""
-    import deepspeed
     import torch
     import torch.distributed as dist
 
     from bigtx.config import load_spec
-    from bigtx.config.deepspeed_config import derive_deepspeed_config
-    from bigtx.model import Transformer
-    from bigtx.optim import param_groups
 
     spec = load_spec("tiny", BASE + overrides)
-    deepspeed.init_distributed("gloo", verbose=False)
-    deepspeed.utils.logger.setLevel("WARNING")
-    torch.set_num_threads(1)
-    model = Transformer(spec.model)
-    model.init_weights(spec.run.seed)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, spec.optim),
-        config=derive_deepspeed_config(spec, dist.get_world_size()),
-    )
+    engine = deepspeed_engine(spec, threads=1)
     micro, seq = spec.batch_sizes(dist.get_world_size())[0], spec.data.seq_len
     gen = torch.Generator().manual_seed(dist.get_rank())
     tokens = torch.randint(0, 256, (WARMUP_STEPS + 1, micro, seq + 1), generator=gen)

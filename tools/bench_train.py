@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bare_engine import deepspeed_engine
 from local_ranks import spawn_local
 
 MODEL = [
@@ -81,26 +82,13 @@ def ddp_worker(steps: int, precision: str, out: Path) -> None:
 
 def deepspeed_worker(steps: int, precision: str, stage: int, out: Path) -> None:
     """One rank of a bare DeepSpeed loop with bigtx's derived config, random tokens."""
-    import deepspeed
     import torch
     import torch.distributed as dist
 
     from bigtx.config import load_spec
-    from bigtx.config.deepspeed_config import derive_deepspeed_config
-    from bigtx.model import Transformer
-    from bigtx.optim import param_groups
 
     spec = load_spec("tiny", MODEL + ["model.vocab_size=320", f"precision={precision}", f"zero.stage={stage}"])
-    deepspeed.init_distributed("gloo", verbose=False)
-    deepspeed.utils.logger.setLevel("WARNING")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-    model = Transformer(spec.model)
-    model.init_weights(spec.run.seed)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, spec.optim),
-        config=derive_deepspeed_config(spec, dist.get_world_size()),
-    )
+    engine = deepspeed_engine(spec, threads=max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
     gen = torch.Generator().manual_seed(dist.get_rank())
     tokens = torch.randint(0, 256, (steps, 4, 257), generator=gen)
     times = []
