@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bigtx.config.deepspeed_config import ZERO3_REDUCE_BUCKET
 from bigtx.config.spec import ModelSection, RunSpec
 
 # Under ZeRO-3 bigtx builds the model inside deepspeed.zero.Init (partitioned construction), so no
@@ -303,10 +304,12 @@ def activation_bytes(m: ModelSection, micro_batch: int, seq_len: int, precision:
 
 
 def _zero_settings(zero_config: Mapping[str, Any] | None, stage: int) -> dict[str, Any]:
-    """Bucket sizes for ``stage``: DeepSpeed's defaults, then ``zero_config``'s values when it was
-    derived for the same stage (a suggestion that changes the stage plans with DeepSpeed's defaults,
-    since a base file's buckets belong to its own stage)."""
+    """Bucket sizes for ``stage``: DeepSpeed's defaults (bigtx's smaller gradient bucket for ZeRO-3),
+    then ``zero_config``'s values when it was derived for the same stage (a suggestion that changes
+    the stage plans with that stage's defaults, since a base file's buckets belong to its own stage)."""
     out: dict[str, Any] = dict(DEEPSPEED_ZERO_DEFAULTS)
+    if stage == 3:
+        out["reduce_bucket_size"] = ZERO3_REDUCE_BUCKET
     same_stage = zero_config is not None and zero_config.get("stage", stage) == stage
     for key in DEEPSPEED_ZERO_DEFAULTS:
         if same_stage and key in zero_config:  # type: ignore[operator]

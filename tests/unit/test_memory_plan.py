@@ -141,7 +141,7 @@ def test_bucket_sizes_from_the_deepspeed_config_are_used() -> None:
     default, _ = model_states(m, "bf16", 3, False, False, Cluster(1, 8, GB, GB))
     zero3 = {"reduce_bucket_size": 50_000_000, "stage3_prefetch_bucket_size": 50_000_000}  # ds_configs/zero3.json
     small_buckets, _ = model_states(m, "bf16", 3, False, False, Cluster(1, 8, GB, GB), zero3)
-    assert default.buffers == 2 * (500_000_000 + 50_000_000)
+    assert default.buffers == 2 * (25_000_000 + 50_000_000)  # deepspeed_config.ZERO3_REDUCE_BUCKET
     assert small_buckets.buffers == 2 * (50_000_000 + 50_000_000)
 
 

@@ -238,8 +238,11 @@ def test_vocab_size_is_checked_against_an_existing_tokenizer() -> None:
 def test_zero3_turns_off_the_global_linear_replacement(tmp_path) -> None:
     zero = derive_deepspeed_config(load_spec("tiny", ["zero.stage=3"]), 2)["zero_optimization"]
     assert zero["memory_efficient_linear"] is False  # no global F.linear replacement by zero.Init
+    assert zero["reduce_bucket_size"] == 25_000_000  # not DeepSpeed's 5e8, unless a base file sets it
+    based = derive_deepspeed_config(load_spec("tiny", ["zero.stage=3", "deepspeed.base=zero3"]), 2)
+    assert based["zero_optimization"]["reduce_bucket_size"] == 50_000_000
     stage2 = derive_deepspeed_config(load_spec("tiny", ["zero.stage=2"]), 2)["zero_optimization"]
-    assert "memory_efficient_linear" not in stage2
+    assert "memory_efficient_linear" not in stage2 and "reduce_bucket_size" not in stage2
     clash = tmp_path / "linear.json"
     clash.write_text(json.dumps({"zero_optimization": {"memory_efficient_linear": True}}))
     with pytest.raises(ValueError, match="memory_efficient_linear"):
