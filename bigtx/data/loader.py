@@ -359,7 +359,8 @@ class TokenLoader:
         log.info("data: continuing exactly in the new layout (%d slot(s) mapped one to one)", cfg.n_slots)
 
     def shards_for(self, epoch: int, reader: int) -> list[list[str]]:
-        """Per source, the shard URLs reader ``reader`` of this rank reads in ``epoch`` (train), in order."""
+        """Per source, the shard URLs reader ``reader`` of this rank reads in ``epoch`` (train), in order: with
+        fewer shards than readers, the one shard it shares with others (``stream.doc_share``)."""
         cfg = self.cfg
         slot = cfg.rank * cfg.readers + reader
         return [
