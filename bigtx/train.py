@@ -75,7 +75,7 @@ def preflight(spec: RunSpec, env: DistEnv) -> dict[str, Any]:
         raise SpecError(["data.train: no training data; give a `bigtx data build` directory or shard pattern"])
     distributed.timeout()
     lifetime.stop_grace()
-    check_data(spec.data, spec.model.vocab_size)
+    check_data(spec.data, spec.model.vocab_size, env.world_size)
     if env.is_main:
         # before anything is built: a run that will not fit says so while it is cheap to change
         summary, warning = memory_report(spec, env.world_size, env.local_world_size, ds_config["zero_optimization"])

@@ -17,7 +17,7 @@ def _build(args: argparse.Namespace) -> int:
             args.input,
             args.tokenizer,
             args.out,
-            shard_size=parse_size(args.shard_size),
+            shard_size=None if args.shard_size is None else parse_size(args.shard_size),
             val_fraction=args.val_fraction,
             workers=args.workers,
             text_field=args.text_field,
@@ -64,7 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--tokenizer", required=True, metavar="T", help="`byte` or a tokenizer.json")
     b.add_argument("--out", required=True, metavar="DIR", help="output directory")
     b.add_argument(
-        "--shard-size", default="64MB", metavar="SIZE", help="largest shard, e.g. 64MB, 256MiB (default 64MB)"
+        "--shard-size",
+        default=None,
+        metavar="SIZE",
+        help="largest shard, e.g. 64MB, 256MiB (default: about 32 train shards, at most 64MB each)",
     )
     b.add_argument(
         "--val-fraction",

@@ -24,7 +24,7 @@ import bigtx
 from bigtx.config import sizes
 from bigtx.data.errors import DataError
 from bigtx.data.inputs import ReadStats, expand_inputs, iter_documents
-from bigtx.data.shards import ShardSetWriter, ids_dtype
+from bigtx.data.shards import ShardSetWriter, ids_dtype, npy_bytes, sample_bytes
 from bigtx.data.tokenizer import Tokenizer, load_tokenizer
 
 INDEX_NAME = "index.json"
@@ -36,6 +36,11 @@ _CHUNK_DOCS = 1024
 
 _SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")
 MIN_SHARD_SIZE = 4096
+MAX_AUTO_SHARD_SIZE = 64 * 10**6
+# Without --shard-size, a small input is cut into about this many train shards: enough for 8 ranks x 4
+# data workers to read whole shards each. More readers than shards still train (the loader then splits
+# a shard's documents between readers), but each of them reads the whole shard to keep its part.
+AUTO_SHARDS = 32
 
 
 def parse_size(text: str) -> int:
@@ -78,6 +83,26 @@ def _encode_chunk(texts: list[str], val_fraction: float) -> tuple[list[np.ndarra
 
 
 # --- main side ------------------------------------------------------------------------------------
+
+
+def auto_shard_size(input_bytes: int, sample_ratio: float, val_fraction: float) -> int:
+    """The shard size that cuts the train split into about ``AUTO_SHARDS`` shards, within [4 KiB, 64 MB].
+
+    The train split is estimated as ``input_bytes`` (the input files' size, compressed for ``.gz``, so
+    an underestimate there: more, smaller shards) times ``sample_ratio`` (shard bytes per text byte,
+    measured on the first chunk of documents) times ``1 - val_fraction``."""
+    train_bytes = input_bytes * sample_ratio * (1.0 - val_fraction)
+    return min(MAX_AUTO_SHARD_SIZE, max(MIN_SHARD_SIZE, int(train_bytes) // AUTO_SHARDS))
+
+
+def _sample_ratio(ids: list[np.ndarray], sources: list[str], text_bytes: int, dtype: np.dtype) -> float:
+    """Shard bytes per byte of text for one chunk of tokenized documents (EOS included)."""
+    header = len(npy_bytes(np.zeros(0, dtype)))  # the same 128 bytes for any length a document has
+    itemsize = np.dtype(dtype).itemsize
+    shard = sum(
+        sample_bytes(header + (len(doc) + 1) * itemsize, len(src.encode("utf-8"))) for doc, src in zip(ids, sources)
+    )
+    return shard / max(1, text_bytes)
 
 
 def chunk_documents(docs):
@@ -233,14 +258,16 @@ def build_shards(
     tokenizer: str,
     out_dir: str,
     *,
-    shard_size: int = 64 * 10**6,
+    shard_size: int | None = None,
     val_fraction: float = 0.01,
     workers: int = 1,
     text_field: str = "text",
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> dict:
-    """Build the shards and index of ``out_dir``; returns the index (plus ``seconds``). Raises ``DataError``."""
+    """Build the shards and index of ``out_dir``; returns the index (plus ``seconds``). Raises ``DataError``.
+
+    ``shard_size`` None: ``auto_shard_size`` (about ``AUTO_SHARDS`` train shards, at most 64 MB each)."""
     from tqdm import tqdm
 
     if not 0.0 <= val_fraction < 1.0:
@@ -249,9 +276,11 @@ def build_shards(
     files = expand_inputs(inputs)
     _prepare_out_dir(out_dir, overwrite, files)
     dtype = ids_dtype(tok.vocab_size)
-    writers = {name: ShardSetWriter(out_dir, name, shard_size, dtype) for name in SPLITS}
+    writers: dict[str, ShardSetWriter] = {}
     stats = ReadStats()
-    total = None if any(f.endswith(".gz") for f in files) else sum(os.path.getsize(f) for f in files)
+    input_bytes = sum(os.path.getsize(f) for f in files)
+    total = None if any(f.endswith(".gz") for f in files) else input_bytes
+    auto = shard_size is None
     start = time.perf_counter()
     eos = np.array([tok.eos_id], dtype=dtype)
     ordinal = 0
@@ -259,6 +288,10 @@ def build_shards(
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="building", disable=disable) as bar:
         chunks = chunk_documents(iter_documents(files, stats, text_field))
         for sources, ids, splits, nbytes in _encoded(chunks, tokenizer, val_fraction, workers):
+            if not writers:  # opened at the first chunk, which an automatic shard size is measured on
+                if shard_size is None:
+                    shard_size = auto_shard_size(input_bytes, _sample_ratio(ids, sources, nbytes, dtype), val_fraction)
+                writers = {name: ShardSetWriter(out_dir, name, shard_size, dtype) for name in SPLITS}
             for source, doc, split in zip(sources, ids, splits):
                 writers[split].write(f"{ordinal:010d}", np.concatenate([doc.astype(dtype, copy=False), eos]), source)
                 ordinal += 1
@@ -266,14 +299,19 @@ def build_shards(
             bar.update(nbytes)
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(docs_per_s=f"{ordinal / elapsed:,.0f}", refresh=False)
-    shards = {name: w.close() for name, w in writers.items()}
     seconds = time.perf_counter() - start
     if ordinal == 0:
         raise DataError(
             f"--input: no documents in {len(files)} file(s) "
             f"({stats.empty_docs} empty documents and {stats.bad_lines} bad jsonl lines skipped)"
         )
-    options = {"shard_size": shard_size, "val_fraction": val_fraction, "text_field": text_field}
+    shards = {name: w.close() for name, w in writers.items()}
+    options = {
+        "shard_size": shard_size,
+        "shard_size_auto": auto,
+        "val_fraction": val_fraction,
+        "text_field": text_field,
+    }
     index = write_index(out_dir, tokenizer_record(tok, tokenizer), dtype, shards, stats.as_dict(), options)
     return {**index, "seconds": seconds}
 
@@ -290,6 +328,12 @@ def summary(index: dict) -> str:
         f"train: {tr['samples']:,} docs, {tr['tokens']:,} tokens in {len(tr['shards'])} shard(s); "
         f"val: {va['samples']:,} docs, {va['tokens']:,} tokens in {len(va['shards'])} shard(s)",
     ]
+    options = index.get("options", {})
+    if options.get("shard_size_auto"):
+        lines.append(
+            f"shard size {options['shard_size'] / 1e6:,.3f} MB, chosen for about {AUTO_SHARDS} train shards "
+            "(--shard-size sets it)"
+        )
     skipped = [f"{s['empty_docs_skipped']} empty documents skipped"] if s["empty_docs_skipped"] else []
     if s["non_utf8_docs"]:
         skipped.append(f"{s['non_utf8_docs']} documents with non-UTF-8 bytes (replaced)")
@@ -297,6 +341,6 @@ def summary(index: dict) -> str:
         skipped.append(f"{s['bad_lines_skipped']} bad jsonl lines skipped")
     if skipped:
         lines.append("; ".join(skipped))
-    if not va["shards"] and index.get("options", {}).get("val_fraction", 0) > 0:
+    if not va["shards"] and options.get("val_fraction", 0) > 0:
         lines.append("note: no document fell into the val split; raise --val-fraction for a validation set")
     return "\n".join(lines)

@@ -13,7 +13,12 @@ main process when ``num_workers=0``); reader ``w`` of rank ``r`` is slot ``s = r
   across shard boundaries, its picks drawn from a counter-based hash (no RNG state to save); it is
   drained at the end of the epoch, so epochs never mix. Each slot moves to the next epoch when its own
   shards are done (train is infinite), so the ``epoch`` stat is the minimum over this rank's readers.
-  Every source needs at least ``S`` shards.
+  A source with ``N < S`` shards is shared instead of refused: slot ``s`` reads the shard at position
+  ``s % N`` of the permuted list, together with the other slots ``s' = s (mod N)``; if ``k`` slots share
+  it, the ``j``-th of them (``j = s // N``) takes positions ``j, j+k, ...`` of the shard's document
+  permutation (``stream.doc_share``). Still exactly once per epoch, still a function of (shards, slots,
+  seed, epoch) only, and the state is the same (epoch, cursor, offset, ...). Every shard then needs at
+  least ``ceil(S / N)`` documents (checked before training from the index's sample counts).
 * val: no shuffling, one pass: slot ``s`` takes shards ``s, s+S, ...``, or, when a source has fewer
   than ``S`` shards, every shard but only documents ``s, s+S, ...``. The incomplete last micro-batch
   of each slot is dropped; ranks can differ by a micro-batch or so.
@@ -69,7 +74,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bigtx import lifetime
 from bigtx.data.errors import DataError
 from bigtx.data.packing import Packer, to_batch
-from bigtx.data.sources import Source, check_sources, check_tokenizer, split_sources
+from bigtx.data.sources import Source, check_readers, check_sources, check_tokenizer, readers_per_rank, split_sources
 from bigtx.data.stream import Counters, DocPolicy, SlotStream, fresh_source_state, shard_plan
 
 log = logging.getLogger("bigtx.data")
@@ -99,7 +104,7 @@ class LoaderConfig:
 
     @property
     def readers(self) -> int:
-        return max(1, self.num_workers)
+        return readers_per_rank(self.num_workers)
 
     @property
     def n_slots(self) -> int:
@@ -354,7 +359,8 @@ class TokenLoader:
         log.info("data: continuing exactly in the new layout (%d slot(s) mapped one to one)", cfg.n_slots)
 
     def shards_for(self, epoch: int, reader: int) -> list[list[str]]:
-        """Per source, the shard URLs reader ``reader`` of this rank reads in ``epoch`` (train), in order."""
+        """Per source, the shard URLs reader ``reader`` of this rank reads in ``epoch`` (train), in order: with
+        fewer shards than readers, the one shard it shares with others (``stream.doc_share``)."""
         cfg = self.cfg
         slot = cfg.rank * cfg.readers + reader
         return [
@@ -431,11 +437,5 @@ def build_loader(
         allow_reshuffle=spec_data.allow_reshuffle,
     )
     if cfg.train:
-        for src in sources:
-            if len(src.shards) < cfg.n_slots:
-                raise DataError(
-                    f"{src.label}: {src.spec} has {len(src.shards)} train shard(s), fewer than the {cfg.n_slots} "
-                    f"readers (world size {world_size} x {cfg.readers} per rank from data.num_workers); every "
-                    "reader needs a shard: rebuild with a smaller --shard-size, or lower data.num_workers"
-                )
+        check_readers(sources, world_size, cfg.num_workers)
     return TokenLoader(cfg)

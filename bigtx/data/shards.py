@@ -382,6 +382,11 @@ def _member_size(nbytes: int) -> int:
     return _BLOCK + (nbytes + _BLOCK - 1) // _BLOCK * _BLOCK
 
 
+def sample_bytes(payload_len: int, source_len: int) -> int:
+    """Bytes one sample takes in a shard: its ``.ids.npy`` and ``.source.txt`` members, headers and padding."""
+    return _member_size(payload_len) + _member_size(source_len)
+
+
 class ShardSetWriter:
     """Writes ``<prefix>-000000.tar``, ``<prefix>-000001.tar``, ... of at most ``shard_size`` bytes each
     (a single larger sample gets a shard of its own). Output is a pure function of the samples written."""
@@ -435,7 +440,7 @@ class ShardSetWriter:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
         payload = npy_bytes(ids.astype(self.dtype, copy=False))
         src = source.encode("utf-8")
-        size = _member_size(len(payload)) + _member_size(len(src))
+        size = sample_bytes(len(payload), len(src))
         if self._tar is not None and self._samples and self._estimate + size > self.shard_size:
             self._close()
         if self._tar is None:

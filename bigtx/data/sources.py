@@ -262,7 +262,10 @@ def split_sources(spec_data, split: str) -> list[Source]:
         sources = resolve(spec_data.train, "train", "data.train")
         empty = [s for s in sources if not s.shards]
         if empty:
-            raise DataError(f"{empty[0].label}: {empty[0].spec} has no train shards")
+            raise DataError(
+                f"{empty[0].label}: {empty[0].spec} has no train shards; rebuild it with more input or a lower "
+                "--val-fraction"
+            )
         return sources
     if spec_data.val is not None:
         sources = [s for s in resolve(spec_data.val, "val", "data.val") if s.shards]
@@ -302,6 +305,34 @@ def check_sources(sources: list[Source], tok: Tokenizer, tokenizer_spec: str, vo
             )
 
 
+def readers_per_rank(num_workers: int) -> int:
+    """Data readers on each rank: the DataLoader workers, or the rank itself when ``num_workers`` is 0."""
+    return max(1, num_workers)
+
+
+def check_readers(sources: list[Source], world_size: int, num_workers: int) -> None:
+    """Train sources: every one of the ``world_size x readers`` readers must get documents in every epoch.
+
+    A source with fewer shards than readers has each shard shared by up to ``ceil(readers / shards)``
+    readers (``bigtx.data.stream.doc_share``), so every shard needs at least that many documents.
+    Checked from the index's sample counts; shards from a pattern carry none and are checked as they
+    are read. Raises ``DataError`` naming the source, the counts and the fix."""
+    readers = world_size * readers_per_rank(num_workers)
+    layout = f"world size {world_size} x {readers_per_rank(num_workers)} per rank from data.num_workers"
+    for src in sources:
+        shared_by = -(-readers // len(src.shards))
+        if shared_by <= 1 or any(s.samples is None for s in src.shards):
+            continue
+        small = min(src.shards, key=lambda s: s.samples or 0)
+        if (small.samples or 0) < shared_by:
+            raise DataError(
+                f"{src.label}: {src.index_path or src.spec} has {len(src.shards)} train shard(s) for {readers} "
+                f"readers ({layout}), so up to {shared_by} readers share a shard, but {small.name} holds only "
+                f"{small.samples} document(s) and every reader needs one: lower data.num_workers or the number "
+                "of ranks, or train on more data"
+            )
+
+
 def check_tokenizer(tokenizer_spec: str, vocab_size: int) -> Tokenizer:
     tok = load_tokenizer(tokenizer_spec)
     if tok.vocab_size > vocab_size:
@@ -312,13 +343,16 @@ def check_tokenizer(tokenizer_spec: str, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def check_data(spec_data, vocab_size: int) -> None:
-    """Every check ``build_loader`` does eagerly, without building loaders: tokenizer, paths, index, hashes.
+def check_data(spec_data, vocab_size: int, world_size: int = 1) -> None:
+    """Every check ``build_loader`` does eagerly, without building loaders: tokenizer, paths, index, hashes,
+    enough train documents for the ``world_size`` ranks' readers.
 
     The val split is only checked when ``data.val`` is set explicitly (otherwise it is optional).
     Raises ``DataError`` whose message starts with the field at fault.
     """
     tok = check_tokenizer(spec_data.tokenizer, vocab_size)
-    check_sources(split_sources(spec_data, "train"), tok, spec_data.tokenizer, vocab_size)
+    train = split_sources(spec_data, "train")
+    check_sources(train, tok, spec_data.tokenizer, vocab_size)
+    check_readers(train, world_size, spec_data.num_workers)
     if spec_data.val is not None:
         check_sources(split_sources(spec_data, "val"), tok, spec_data.tokenizer, vocab_size)

@@ -38,10 +38,26 @@ def shard_plan(
 ) -> list[int]:
     """Indices of the shards (of one source) that reader ``slot`` of ``n_slots`` reads in ``epoch``, in order."""
     if train:
-        return _rng(seed, 1, src_idx, epoch).permutation(n_shards)[slot::n_slots].tolist()
+        order = _rng(seed, 1, src_idx, epoch).permutation(n_shards)
+        if n_shards < n_slots:  # fewer shards than readers: a few readers share each shard (see doc_share)
+            return [int(order[slot % n_shards])]
+        return order[slot::n_slots].tolist()
     if n_shards < n_slots:  # validation with few shards: every reader reads all, keeps every n_slots-th document
         return list(range(n_shards))
     return list(range(slot, n_shards, n_slots))
+
+
+def doc_share(n_shards: int, *, slot: int, n_slots: int, train: bool) -> tuple[int, int]:
+    """``(j, k)``: reader ``slot`` reads positions ``j, j+k, j+2k, ...`` of each of its shards' document order.
+
+    ``(0, 1)`` (whole shards) unless a train source has fewer shards than readers. Then the shard at
+    position ``q`` of the epoch's shard permutation is read by slots ``q, q+n_shards, q+2*n_shards, ...``,
+    ``k`` of them, the ``j``-th taking every ``k``-th document: every document still goes to exactly one
+    slot, and the split depends only on the shard count, the slot and the number of slots."""
+    if not train or n_shards >= n_slots:
+        return 0, 1
+    first = slot % n_shards
+    return slot // n_shards, len(range(first, n_slots, n_shards))
 
 
 @dataclass
@@ -105,7 +121,8 @@ class SourceStream:
     """One source's documents for one reader.
 
     Training: epoch ``e``'s shard order is a permutation seeded by (seed, source, e); this reader takes
-    every ``n_slots``-th shard of it. Within a shard, documents follow a permutation seeded by
+    every ``n_slots``-th shard of it (with fewer shards than readers, one shard shared with others: see
+    ``doc_share``). Within a shard, documents follow a permutation seeded by
     (seed, source, e, shard). A buffer of ``buffer_size`` document *references* mixes across shard
     boundaries: the pick is a hash of (seed, source, slot, epoch, pick counter); the buffer is drained
     at the end of each epoch, so epochs never mix. Validation: no shuffling; shard striding, or document
@@ -137,6 +154,7 @@ class SourceStream:
         self.buffer_size = buffer_size if train else 1
         self.policy = policy
         self._stride_docs = not train and len(source.shards) < n_slots
+        self._share = doc_share(len(source.shards), slot=slot, n_slots=n_slots, train=train)
         st = state or fresh_source_state()
         self._start_epoch(int(st["epoch"]))
         self.cursor, self.offset, self.seen = int(st["cursor"]), int(st["offset"]), int(st["seen"])
@@ -188,6 +206,9 @@ class SourceStream:
             order: list[int] | range = range(n)
             if self.train:
                 order = _rng(self.seed, 2, self.src_idx, self.epoch, shard_idx).permutation(n).tolist()
+                j, k = self._share
+                if k > 1:  # the same permutation on every reader sharing the shard, each its own residue
+                    order = order[j::k]
             loaded = _Loaded(shard, data.keys, data.docs, order)
         self._cache[cursor] = loaded
         return loaded
@@ -260,9 +281,11 @@ class SourceStream:
             if not self.train:
                 return None
             if self.docs == 0:
+                k = self._share[1]
+                part = f"{len(self._plan)} shard(s)" if k == 1 else f"share (every {k}th document) of a shard"
                 raise DataError(
                     f"{self.source.label}: reader {self.slot} of {self.n_slots} got no usable document from its "
-                    f"{len(self._plan)} shard(s) of {self.source.spec} in epoch {self.epoch} (see the warnings above)"
+                    f"{part} of {self.source.spec} in epoch {self.epoch} (see the warnings above)"
                 )
             self._start_epoch(self.epoch + 1)
 

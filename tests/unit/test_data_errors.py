@@ -5,6 +5,7 @@ Every case ends in a clear ``DataError`` or a counted, logged skip; none crashes
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -228,10 +229,16 @@ def test_directory_without_index_and_missing_listed_shards(ds, tmp_path):
         check_data(DataSection(train=str(tmp_path / "plain")), 512)
 
 
-def test_too_few_shards_for_the_readers(tmp_path):
-    path = write_wds(tmp_path, [np.array([1, 2, EOS], np.uint16)] * 4)
-    with pytest.raises(DataError, match=r"1 train shard\(s\), fewer than the 4 readers \(world size 2 x 2"):
-        loader(path, nw=2, ws=2)
+def test_a_pattern_shard_too_small_to_share_fails_on_the_reader_left_without_documents(tmp_path):
+    # 1 shard, 4 readers: reader j takes documents j, j+4, ...; with 3 documents reader 3 gets none.
+    # A pattern carries no sample counts, so this is found when the reader reads, not before.
+    path = write_wds(tmp_path, [np.array([1, 2, EOS], np.uint16)] * 3)
+    section = DataSection(train=path, num_workers=0)
+    make = functools.partial(build_loader, section, seq_len=2, micro_batch_size=1, world_size=4, vocab_size=512)
+    assert len(run(make(rank=2), 3)) == 3
+    message = r"^data.train: reader 3 of 4 got no usable document from its share \(every 4th document\) of a shard"
+    with pytest.raises(DataError, match=message):
+        run(make(rank=3), 1)
 
 
 def test_check_data_accepts_a_good_spec(built):

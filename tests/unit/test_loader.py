@@ -215,7 +215,8 @@ def test_val_is_finite_deterministic_and_disjoint(corpus, nw):
 def test_val_with_fewer_shards_than_readers(tmp_path):
     write_corpus(tmp_path / "in", 60, seed=3)
     out = str(tmp_path / "ds")
-    build_shards([str(tmp_path / "in")], "byte", out, val_fraction=0.3, progress=False)  # one val shard
+    build_shards([str(tmp_path / "in")], "byte", out, shard_size=64 * 10**6, val_fraction=0.3, progress=False)
+    assert len(make_loader(out, "val").cfg.sources[0].shards) == 1
     ids = []
     for rank in range(2):
         batches = list(make_loader(out, "val", rank=rank, ws=2, mb=1, seq_len=8))

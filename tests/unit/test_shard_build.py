@@ -15,7 +15,7 @@ import webdataset as wds
 
 from bigtx.cli.main import main
 from bigtx.data import DataError
-from bigtx.data.build import build_shards, parse_size, split_of
+from bigtx.data.build import AUTO_SHARDS, auto_shard_size, build_shards, parse_size, split_of
 from bigtx.data.shards import ShardSetWriter, ids_dtype, read_shard
 
 EOS = 256
@@ -159,6 +159,39 @@ def test_build_errors(tmp_path, inputs, match):
     inputs = [paths.get(p, str(tmp_path / p)) for p in inputs]
     with pytest.raises(DataError, match=match):
         build_shards(inputs, "byte", str(tmp_path / "ds"), progress=False)
+
+
+def test_auto_shard_size_rule():
+    # train bytes = input x shard bytes per text byte x (1 - val fraction), cut into AUTO_SHARDS
+    assert AUTO_SHARDS == 32
+    assert auto_shard_size(32 * 10**6, 2.0, 0.5) == 10**6
+    assert auto_shard_size(1000, 2.0, 0.0) == 4096  # never below the 4 KiB minimum
+    assert auto_shard_size(10**12, 0.5, 0.01) == 64 * 10**6  # large inputs: the 64 MB shards as before
+
+
+def test_small_input_gets_several_shards_unless_a_size_is_given(tmp_path, capsys):
+    """9,000 documents (0.66 MB of text): one 64 MB shard before; now about AUTO_SHARDS, the same every time."""
+    root = tmp_path / "in"
+    root.mkdir()
+    with open(root / "docs.jsonl", "w") as f:
+        for i in range(9000):
+            f.write(json.dumps({"text": f"document {i} " + "lorem ipsum " * (i % 11)}) + "\n")
+    args = ["data", "build", "--input", str(root), "--tokenizer", "byte", "--workers", "1", "--val-fraction", "0.01"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "chosen for about 32 train shards (--shard-size sets it)" in capsys.readouterr().out
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    train = index["splits"]["train"]["shards"]
+    assert len(train) == 27  # not quite 32: the estimate counts the jsonl syntax (~15% here) as text
+    assert index["options"]["shard_size_auto"] is True
+    assert max(s["bytes"] for s in train) <= index["options"]["shard_size"] + 10240
+    assert main([*args, "--out", str(tmp_path / "b"), "--workers", "2"]) == 0  # deterministic, any worker count
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "c"), "--shard-size", "64MB"]) == 0  # an explicit size is kept
+    explicit = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert len(explicit["splits"]["train"]["shards"]) == 1
+    assert explicit["options"]["shard_size"] == 64 * 10**6 and explicit["options"]["shard_size_auto"] is False
+    assert "chosen for about" not in capsys.readouterr().out
 
 
 def test_parse_size():
