@@ -166,9 +166,9 @@ def diagnose(run_dir: Path, now: float | None = None) -> Report:
         status, blamed = "stuck", silent
         for r in silent:
             lines.append(
-                f"{_where(r)} is stuck: its last heartbeat was at {_utc(r.last_heartbeat)}, "
-                f"{reference - r.last_heartbeat:.0f} s before {'now' if live else 'the last of its peers'}, "
-                f"in {_doing(r)}; no stack dump: the process did not run at all (stopped, frozen, "
+                f"{_where(r)} is stuck: its last heartbeat, at {_utc(r.last_heartbeat)} "
+                f"({reference - r.last_heartbeat:.0f} s before {'now' if live else 'the last of its peers'}), "
+                f"found it in {_doing(r)}; no stack dump: the process did not run at all (stopped, frozen, "
                 "or its host went away)"
             )
     elif dumped:
