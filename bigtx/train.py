@@ -650,7 +650,9 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
     """Run the job under this rank's heartbeat and hang watchdog (``bigtx.heartbeat``); returns the exit code."""
     # the dump must come before a peer's collective timeout ends the job
     limits = heartbeat.Limits(spec.watchdog.factor, spec.watchdog.floor_s, distributed.timeout().total_seconds() / 2)
-    with Heartbeat(Path(spec.run.dir), env.rank, env.world_size, socket.gethostname(), limits) as beat:
+    # SLURM's node name is what `scontrol` and `sbatch --exclude` take; hosts can be named otherwise
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    with Heartbeat(Path(spec.run.dir), env.rank, env.world_size, host, limits) as beat:
         return run(spec, env, ds_config, beat)
 
 
