@@ -65,6 +65,12 @@ class Report:
     ranks: list[dict[str, Any]] = field(default_factory=list)
     straggler: dict[str, Any] | None = None
 
+    def stuck_nodes(self) -> list[str]:
+        """The hosts of the ranks found stuck, each once, in rank order."""
+        if self.status != "stuck":
+            return []
+        return list(dict.fromkeys(b["host"] for b in self.blamed))
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 

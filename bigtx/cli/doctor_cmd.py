@@ -1,4 +1,7 @@
-"""`bigtx doctor RUN_DIR [--json]`: which rank is stuck or behind, where and since when (``bigtx.doctor``)."""
+"""`bigtx doctor RUN_DIR [--json | --stuck-nodes]`: which rank is stuck or behind, where and since when.
+
+The diagnosis is ``bigtx.doctor``'s; this module prints it.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ def _doctor(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if args.json:
         print(report.to_json())
+    elif args.stuck_nodes:
+        print(",".join(report.stuck_nodes()))
     else:
         print(f"{report.run_dir}: {report.status}")
         for line in report.lines:
@@ -32,5 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(exit 0 nothing wrong, 1 a rank stuck, behind, failed or missing, 2 bad input)",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (run.dir)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON (status, exit_code, blamed, ranks)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the report as JSON (status, exit_code, blamed, ranks)")
+    out.add_argument(
+        "--stuck-nodes",
+        action="store_true",
+        help="print only the nodes of stuck ranks, comma-separated (for sbatch --exclude); nothing if none",
+    )
     p.set_defaults(func=_doctor)

@@ -68,6 +68,7 @@ def test_healthy_running_job(tmp_path: Path) -> None:
     report = diagnose(tmp_path, now=NOW)
     assert (report.status, report.exit_code, report.blamed) == ("running", 0, [])
     assert report.lines == ["running: 2 rank(s) at step 7, heartbeats current"]
+    assert report.stuck_nodes() == []
 
 
 def test_finished_run(tmp_path: Path) -> None:
@@ -103,6 +104,7 @@ def test_a_frozen_rank_is_named_with_its_host(tmp_path: Path) -> None:
     assert report.lines[1].endswith("; it ended with error: RuntimeError: Connection closed by peer")
     code, out, _ = doctor(str(tmp_path), "--json")
     assert code == 1 and json.loads(out)["blamed"][0]["host"] == "gpu-b"
+    assert doctor(str(tmp_path), "--stuck-nodes")[:2] == (1, "gpu-b\n")  # what the sbatch script excludes
 
 
 def test_while_the_job_runs_a_silent_rank_is_measured_against_now(tmp_path: Path) -> None:
@@ -158,6 +160,7 @@ def test_a_straggler_is_behind(tmp_path: Path) -> None:
     report = diagnose(tmp_path, now=NOW)
     assert (report.status, report.exit_code) == ("behind", 1)
     assert [b["host"] for b in report.blamed] == ["slow-node"]
+    assert report.stuck_nodes() == []  # slow, not stuck: no reason to leave the node
     assert report.lines == [
         "slowest rank at step 20: rank 1 on host slow-node, busy 0.450 s per step against a median of 0.150 s "
         "(data wait 0.310 s): behind"
