@@ -5,7 +5,9 @@ The rules, in order (``diagnose``):
 1. ``FINISHED`` exists: the run finished (exit 0).
 2. A rank whose heartbeat stopped while its peers' went on (older than the newest by more than
    ``STALE_S``, or than now while the job runs) is stuck: its process did not run at all
-   (stopped, frozen, or its host is gone), so it has no stack dump either (exit 1).
+   (stopped, frozen, or its host is gone), so it has no stack dump either (exit 1). So is a rank
+   whose heartbeat thread found, on waking, that the process had not run for ``STALE_S`` or more,
+   while a peer dumped its stacks or failed (SLURM continues stopped processes to end them).
 3. Otherwise, if some rank dumped its stacks for the phase it is still in: of the ranks still
    in the job, those furthest behind (earliest step, then earliest phase) are stuck, the others
    wait for them (exit 1).
@@ -53,6 +55,7 @@ class RankState:
     state: str = "running"  # running | silent | stuck | waiting | exited | failed
     top: str | None = None  # innermost frame of the main thread, from a hang dump of the current phase
     dump: str | None = None
+    paused: dict[str, Any] | None = None  # the last time its process did not run (heartbeat's "paused")
 
 
 @dataclass
@@ -107,7 +110,15 @@ def load_ranks(run_dir: Path) -> list[RankState]:
     world = max(beats, key=lambda b: b["time"])["world_size"]
     ranks = {
         b["rank"]: RankState(
-            b["rank"], b["host"], b["pid"], b["step"], b["phase"], b["since"], b["time"], b.get("ended")
+            b["rank"],
+            b["host"],
+            b["pid"],
+            b["step"],
+            b["phase"],
+            b["since"],
+            b["time"],
+            b.get("ended"),
+            paused=b.get("paused"),
         )
         for b in beats
         if b["rank"] < world
@@ -157,6 +168,7 @@ def diagnose(run_dir: Path, now: float | None = None) -> Report:
         elif reference - r.last_heartbeat > STALE_S:
             r.state = "silent"
     dumped = [r for r in present if r.top is not None]
+    failed_any = any(r.state == "failed" for r in present)
     hosts = {r.rank: r.host for r in present}
     straggler = last_straggler(run_dir)
     if straggler is not None:
@@ -176,6 +188,20 @@ def diagnose(run_dir: Path, now: float | None = None) -> Report:
                 f"({reference - r.last_heartbeat:.0f} s before {'now' if live else 'the last of its peers'}), "
                 f"found it in {_doing(r)}; no stack dump: the process did not run at all (stopped, frozen, "
                 "or its host went away)"
+            )
+    elif paused := [
+        r for r in present if r.paused and r.paused["to"] - r.paused["from"] >= STALE_S and (dumped or failed_any)
+    ]:
+        # it ran again later (SLURM sends SIGCONT before it ends a step), but its peers were stuck meanwhile
+        status, blamed = "stuck", paused
+        for r in paused:
+            p = r.paused
+            assert p is not None
+            ended = f"; it ended with {r.ended}" if r.state == "failed" else ""
+            lines.append(
+                f"{_where(r)} is stuck: its process did not run for {p['to'] - p['from']:.0f} s, from "
+                f"{_utc(p['from'])} to {_utc(p['to'])} (stopped or frozen), after its heartbeat found it in "
+                f"phase {p['phase']} of step {p['step']}{ended}"
             )
     elif dumped:
         stalled = [r for r in present if r.state == "running" or (r.top is not None and r.state == "failed")]

@@ -34,6 +34,7 @@ from typing import Any
 log = logging.getLogger("bigtx")
 
 INTERVAL_S = 2.0  # how often the heartbeat file is written and the watchdog looks
+PAUSE_S = 3 * INTERVAL_S  # a longer gap between the thread's wake-ups: the process did not run (SIGSTOP, frozen)
 STEP_HISTORY = 50  # step times the median is taken over
 # What a rank can be doing, in the order a step goes through them (``bigtx doctor`` compares ranks by it).
 PHASES = ("startup", "data", "forward", "backward", "optimizer", "sync", "eval", "save")
@@ -77,6 +78,8 @@ class Heartbeat:
         self._step_start: float | None = None
         self._step_times: collections.deque[float] = collections.deque(maxlen=STEP_HISTORY)
         self._dumped: tuple[int, str, float] | None = None
+        self._written = self._state  # the state last written
+        self._paused: dict[str, Any] | None = None  # the last time the process did not run for PAUSE_S or more
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bigtx-heartbeat", daemon=True)
 
@@ -116,7 +119,15 @@ class Heartbeat:
         self.stop("exited" if exc is None else f"error: {kind.__name__ if kind else ''}: {exc}"[:500])
 
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._done.wait(INTERVAL_S):
+            # the monotonic clock runs on while the process is stopped: a long gap means it did not run
+            # (a stopped process cannot say so itself while stopped; a frozen one may never)
+            now = time.monotonic()
+            if now - last >= PAUSE_S:
+                step, phase, _ = self._written
+                self._paused = {"from": self._wall(last), "to": self._wall(now), "step": step, "phase": phase}
+            last = now
             try:
                 self.check()
                 self._write()
@@ -171,12 +182,14 @@ class Heartbeat:
             "since": self._wall(since),
             "time": time.time(),
             "median_step_s": self.median_step_s(),
+            "paused": self._paused,
             "ended": ended,
         }
         path = heartbeat_path(self.run_dir, self.rank)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record) + "\n")
         os.replace(tmp, path)
+        self._written = (step, phase, since)
 
 
 def _utc(t: float) -> str:
@@ -263,6 +276,13 @@ def read_heartbeat(path: Path) -> dict[str, Any]:
             value = record[key] = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise HeartbeatError(f"{path}: field {key!r} is {value!r}, expected {kind.__name__}; delete the file")
+    paused = record.get("paused")
+    if paused is not None and not (
+        isinstance(paused, dict)
+        and all(isinstance(paused.get(k), (int, float)) for k in ("from", "to", "step"))
+        and paused.get("phase") in PHASES
+    ):
+        raise HeartbeatError(f"{path}: field 'paused' is {paused!r}, expected from/to/step/phase; delete the file")
     if record["phase"] not in PHASES:
         raise HeartbeatError(f"{path}: unknown phase {record['phase']!r} (one of {', '.join(PHASES)})")
     return record

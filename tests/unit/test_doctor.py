@@ -107,6 +107,30 @@ def test_a_frozen_rank_is_named_with_its_host(tmp_path: Path) -> None:
     assert doctor(str(tmp_path), "--stuck-nodes")[:2] == (1, "gpu-b\n")  # what the sbatch script excludes
 
 
+def test_a_rank_that_was_stopped_and_continued_is_still_named(tmp_path: Path) -> None:
+    """SLURM sends SIGCONT before it ends a step: the stopped rank runs again, finds its peer gone and
+    fails. Its heartbeat thread recorded that the process did not run while its peer dumped."""
+    stopped = beat(tmp_path, 1, host="gpu-b", phase="backward", age=1, ended="error: RuntimeError: peer gone")
+    stopped["paused"] = {"from": NOW - 40, "to": NOW - 2, "step": 6, "phase": "forward"}
+    (tmp_path / "heartbeat" / "rank1.json").write_text(json.dumps(stopped))
+    dump(tmp_path, beat(tmp_path, 0, host="gpu-a", phase="backward", age=20, since_age=39, ended="error: timeout"))
+    report = diagnose(tmp_path, now=NOW)
+    assert (report.status, report.exit_code, report.stuck_nodes()) == ("stuck", 1, ["gpu-b"])
+    assert report.lines[0].startswith("rank 1 on host gpu-b (pid 101) is stuck: its process did not run for 38 s")
+    assert report.lines[0].endswith(
+        "after its heartbeat found it in phase forward of step 6; it ended with error: RuntimeError: peer gone"
+    )
+    assert report.lines[1].startswith("rank 0 on host gpu-a (pid 100) waited in phase backward of step 7")
+
+
+def test_a_pause_of_a_job_that_went_on_is_history(tmp_path: Path) -> None:
+    record = beat(tmp_path, 0)
+    record["paused"] = {"from": NOW - 400, "to": NOW - 300, "step": 1, "phase": "data"}
+    (tmp_path / "heartbeat" / "rank0.json").write_text(json.dumps(record))
+    beat(tmp_path, 1)
+    assert diagnose(tmp_path, now=NOW).status == "running"
+
+
 def test_while_the_job_runs_a_silent_rank_is_measured_against_now(tmp_path: Path) -> None:
     beat(tmp_path, 0, age=NOW - time.time())  # written just now
     beat(tmp_path, 1, age=NOW - time.time() + 30)

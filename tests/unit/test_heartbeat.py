@@ -58,6 +58,37 @@ def test_the_background_thread_rewrites_the_file(tmp_path: Path, monkeypatch: py
     assert read_heartbeat(path)["step"] == 3
 
 
+class FirstWaitStalls(threading.Event):
+    """The heartbeat thread's timer, whose first wait takes ``seconds``: as if the process had been stopped."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.stall: float | None = seconds
+
+    def wait(self, timeout: float | None = None) -> bool:
+        stall, self.stall = self.stall, None
+        return super().wait(stall if stall is not None else timeout)
+
+
+def test_a_process_that_did_not_run_says_so_when_it_runs_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heartbeat, "INTERVAL_S", 0.05)
+    monkeypatch.setattr(heartbeat, "PAUSE_S", 0.3)
+    path = tmp_path / "heartbeat" / "rank0.json"
+    beat = Heartbeat(tmp_path, 0, 1, "h", Limits(10.0, 100.0, 100.0))
+    beat.step(4)
+    beat.mark("forward")
+    beat._done = FirstWaitStalls(0.5)
+    beat.start()  # writes step 4, forward: what the rank was doing when it "stopped"
+    beat.mark("backward")
+    deadline = time.monotonic() + 5
+    while (paused := read_heartbeat(path).get("paused")) is None:
+        assert time.monotonic() < deadline, "no pause recorded"
+        time.sleep(0.02)
+    beat.stop("exited")
+    assert (paused["step"], paused["phase"]) == (4, "forward")
+    assert 0.5 <= paused["to"] - paused["from"] < 1.5
+
+
 def _fake_stuck_phase(seconds: float) -> None:
     time.sleep(seconds)  # the dump's "top" line points here
 
@@ -111,6 +142,13 @@ def test_corrupt_heartbeat_files_are_named(tmp_path: Path, content: str | bytes,
     with pytest.raises(HeartbeatError, match=message) as info:
         read_heartbeat(path)
     assert str(path) in str(info.value)
+
+
+def test_a_bad_pause_record_is_refused(tmp_path: Path) -> None:
+    record = {"rank": 0, "world_size": 1, "host": "h", "pid": 1, "step": 0, "phase": "data", "since": 1, "time": 2}
+    (tmp_path / "rank0.json").write_text(json.dumps({**record, "paused": {"from": 1, "to": "x"}}))
+    with pytest.raises(HeartbeatError, match="field 'paused'"):
+        read_heartbeat(tmp_path / "rank0.json")
 
 
 def test_an_unknown_phase_is_refused(tmp_path: Path) -> None:
