@@ -110,7 +110,10 @@ class Heartbeat:
         """End the thread and write the final state, ``ended`` saying how (``exited``, ``error: ...``)."""
         self._done.set()
         self._thread.join(timeout=2 * INTERVAL_S)
-        self._write(ended)
+        try:
+            self._write(ended)
+        except OSError as exc:  # the rank's own exit (and its error) matters more than the record of it
+            log.warning("heartbeat: %s", exc)
 
     def __enter__(self) -> Heartbeat:
         return self.start()
