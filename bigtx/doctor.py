@@ -56,6 +56,7 @@ class RankState:
     top: str | None = None  # innermost frame of the main thread, from a hang dump of the current phase
     dump: str | None = None
     paused: dict[str, Any] | None = None  # the last time its process did not run (heartbeat's "paused")
+    log: str | None = None  # its newest log under logs/ (the SLURM script's per-rank logs), for blamed ranks
 
 
 @dataclass
@@ -136,6 +137,13 @@ def load_ranks(run_dir: Path) -> list[RankState]:
     return [ranks[k] for k in sorted(ranks)] + [
         RankState(k, "?", 0, 0, "startup", 0.0, 0.0, "missing", state="missing") for k in missing
     ]
+
+
+def rank_log(run_dir: Path, rank: int) -> str | None:
+    """The newest per-rank log of ``rank`` under ``logs/`` (``JOB.RESTART-rank<R>-<node>.log``, as the
+    SLURM script names them), relative to ``run_dir``; None if there is none."""
+    logs = [p for p in (run_dir / "logs").glob(f"*-rank{rank}-*.log") if p.is_file()]
+    return str(max(logs, key=lambda p: p.stat().st_mtime).relative_to(run_dir)) if logs else None
 
 
 def last_straggler(run_dir: Path) -> dict[str, Any] | None:
@@ -241,6 +249,9 @@ def diagnose(run_dir: Path, now: float | None = None) -> Report:
             blamed = [r for r in present if r.rank == s["slowest_rank"]]
     for r in blamed:
         r.state = "stuck" if status == "stuck" else r.state
+        r.log = rank_log(run_dir, r.rank)
+        if r.log:
+            lines.append(f"rank {r.rank}'s log: {r.log}")
     if status == "running":
         steps = sorted({r.step for r in present})
         lines.insert(0, f"running: {len(present)} rank(s) at step {steps[-1]}, heartbeats current")

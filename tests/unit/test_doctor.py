@@ -102,9 +102,22 @@ def test_a_frozen_rank_is_named_with_its_host(tmp_path: Path) -> None:
     assert "no stack dump" in report.lines[0]
     assert report.lines[1].startswith("rank 0 on host gpu-a (pid 100) waited in phase backward of step 7")
     assert report.lines[1].endswith("; it ended with error: RuntimeError: Connection closed by peer")
+    assert len(report.lines) == 2  # no logs/ here
     code, out, _ = doctor(str(tmp_path), "--json")
     assert code == 1 and json.loads(out)["blamed"][0]["host"] == "gpu-b"
     assert doctor(str(tmp_path), "--stuck-nodes")[:2] == (1, "gpu-b\n")  # what the sbatch script excludes
+
+
+def test_the_blamed_ranks_newest_log_is_named(tmp_path: Path) -> None:
+    beat(tmp_path, 1, age=40)
+    beat(tmp_path, 0, ended="error: timeout", age=20)
+    (tmp_path / "logs").mkdir()
+    for name in ("7.0-rank1-n2.log", "7.0-rank0-n1.log", "8.0-rank1-n3.log", "8.0-rank11-n3.log"):
+        (tmp_path / "logs" / name).write_text("...")
+        time.sleep(0.01)  # distinct modification times, newest last
+    report = diagnose(tmp_path, now=NOW)
+    assert report.lines[-1] == "rank 1's log: logs/8.0-rank1-n3.log"
+    assert report.blamed[0]["log"] == "logs/8.0-rank1-n3.log"
 
 
 def test_a_rank_that_was_stopped_and_continued_is_still_named(tmp_path: Path) -> None:
