@@ -152,6 +152,10 @@ def init(env: DistEnv) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
+        # the NCCL flight recorder, which a hang dump saves (bigtx.heartbeat), records only with a buffer;
+        # torch >= 2.10 reads the first name, older ones the second
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
     elif "OMP_NUM_THREADS" not in os.environ:
         # ranks on one box share its cores; oversubscription makes every rank slower
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))

@@ -1,9 +1,11 @@
 """The main job: ``bigtx train SPEC`` (also ``python -m bigtx.train SPEC`` and ``deepspeed -m bigtx.train SPEC``).
 
 Read top to bottom: ``main`` checks everything that can be checked before a process group exists;
-``train`` starts the process group, plans the resume (``bigtx.checkpoint.resume``), ``build``s model,
-DeepSpeed engine and data, ``restore``s a checkpoint if there is one and hands over to ``fit``, the
-loop: ``train_step``, one collective, log, evaluate, checkpoint, stop.
+``train`` starts the rank's heartbeat (``bigtx.heartbeat``: each phase the loop marks, and stack dumps
+when one stalls); ``run`` starts the process group, plans the resume (``bigtx.checkpoint.resume``),
+``build``s model, DeepSpeed engine and data, ``restore``s a checkpoint if there is one and hands over
+to ``fit``, the loop: ``train_step``, one collective, log (with one more, naming the slowest rank),
+evaluate, checkpoint, stop.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import random
 import resource
 import socket
+import statistics
 import sys
 import time
 import traceback
@@ -33,13 +36,14 @@ import torch.distributed as dist
 import yaml
 
 import bigtx
-from bigtx import checkpoint, distributed, lifetime, zero3
+from bigtx import checkpoint, distributed, heartbeat, lifetime, zero3
 from bigtx.checkpoint.resume import FINISHED, ResumePlan, plan_resume
 from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.layout import check_layout
 from bigtx.data import DataError, build_loader, check_data
 from bigtx.distributed import EXIT_ERROR, EXIT_FINISHED, EXIT_REQUEUE, EXIT_USAGE, DistEnv
+from bigtx.heartbeat import Heartbeat
 from bigtx.memory_check import memory_report
 from bigtx.metrics import MetricsLogger, peak_tflops
 from bigtx.model import Transformer
@@ -358,28 +362,33 @@ def open_metrics(job: Job, progress: Progress) -> MetricsLogger:
 class StepResult:
     loss: torch.Tensor  # this rank's mean loss over the step's micro-batches: float64, on the device
     data_wait: float  # seconds spent waiting for batches
+    backward: float  # seconds in the backward passes, where the gradients are reduced: ranks wait for the slowest
 
 
-def train_step(job: Job, batches: Iterator, lr: float) -> StepResult:
+def train_step(job: Job, batches: Iterator, lr: float, beat: Heartbeat) -> StepResult:
     """One optimizer step: ``accum`` micro-batches, DeepSpeed accumulates, clips and steps.
 
     The loss stays on the device (no CPU-GPU sync per micro-batch); it is summed in float64 so the
-    value equals the sum of the micro-batch losses as Python floats.
+    value equals the sum of the micro-batch losses as Python floats. ``beat`` is told each phase.
     """
     engine = job.engine
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), dtype=torch.float64, device=job.device)
-    data_wait = 0.0
+    data_wait = backward = 0.0
     for _ in range(job.accum):
-        t_data = time.perf_counter()
+        t_data = beat.mark("data")
         x, y = next(batches)
-        data_wait += time.perf_counter() - t_data
+        t_forward = beat.mark("forward")
         loss = engine(x.to(job.device), y.to(job.device))
+        t_backward = beat.mark("backward")
         engine.backward(loss)
+        t_optimizer = beat.mark("optimizer")
         engine.step()
         loss_sum += loss.detach().double()
-    return StepResult(loss_sum / job.accum, data_wait)
+        data_wait += t_forward - t_data
+        backward += t_optimizer - t_backward
+    return StepResult(loss_sum / job.accum, data_wait, backward)
 
 
 @dataclass
@@ -395,14 +404,16 @@ class LogWindow:
     timed: int = 0
     time: float = 0.0
     data: float = 0.0
+    backward: float = 0.0
     tokens: int = 0
 
-    def add(self, loss: float, step_time: float, data_wait: float, tokens: int) -> None:
+    def add(self, loss: float, step_time: float, result: StepResult, tokens: int) -> None:
         self.loss += loss
         self.steps += 1
         self.timed += 1
         self.time += step_time
-        self.data += data_wait
+        self.data += result.data_wait
+        self.backward += result.backward
         self.tokens += tokens
 
     def saved(self) -> dict[str, Any]:
@@ -444,7 +455,34 @@ def metrics_record(job: Job, progress: Progress, window: LogWindow, loss_step: f
         # order), next to the weights asked for: with data.on_error=skip, lost shards show here
         total = max(sum(stats["source_tokens"]), 1)
         record["source_shares"] = [t / total for t in stats["source_tokens"]]
-    return record
+    return record | stragglers(window)
+
+
+def stragglers(window: LogWindow) -> dict[str, Any]:
+    """The slowest rank over the window against the median rank: one small all-gather of each rank's
+    mean busy time (step time less backward) and data wait.
+
+    Busy, not step time: a slow rank holds the others up in the backward pass, where the gradients are
+    reduced, so every rank's step takes about as long; the one with the least waiting, the most busy
+    time, is the one the others waited for. Host clocks on GPUs time kernel launches, so this names
+    ranks slow in data loading or host code, and GPUs only as far as their launches stall.
+    """
+    busy, data = (window.time - window.backward) / window.timed, window.data / window.timed
+    mine = torch.tensor([busy, data], dtype=torch.float64)
+    ranks = [mine]
+    if dist.get_world_size() > 1:
+        mine = mine.to(distributed.device_of_backend())
+        ranks = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(ranks, mine)
+    busy, data = zip(*(r.cpu().tolist() for r in ranks))
+    slowest = max(range(len(busy)), key=busy.__getitem__)
+    return {
+        "slowest_rank": slowest,
+        "slowest_busy_s": busy[slowest],
+        "median_busy_s": statistics.median(busy),
+        "slowest_data_wait_s": data[slowest],
+        "median_data_wait_s": statistics.median(data),
+    }
 
 
 @torch.no_grad()
@@ -511,23 +549,32 @@ def reduce_step(
     return loss_sum / job.env.world_size, stop_votes > 0, time_votes > 0
 
 
-def fit(job: Job, progress: Progress, window: LogWindow, stop: distributed.StopRequest, metrics: MetricsLogger) -> int:
+def fit(
+    job: Job,
+    progress: Progress,
+    window: LogWindow,
+    stop: distributed.StopRequest,
+    metrics: MetricsLogger,
+    beat: Heartbeat,
+) -> int:
     """Train from ``progress`` to the last step; returns the exit code."""
     spec, total = job.spec, job.total_steps
     bar = ProgressBar(job, progress)
     batches = iter(job.train_loader)
     saved = SaveClock(progress.step)
     while progress.step < total:
+        beat.step(progress.step + 1)
         lr = lr_at(progress.step, total, spec.optim, spec.schedule)
         t_step = time.perf_counter()
-        result = train_step(job, batches, lr)
+        result = train_step(job, batches, lr, beat)
         progress.step += 1
         progress.tokens += job.tokens_per_step
+        beat.mark("sync")
         loss, stopping, save_due = reduce_step(job, result, stop, saved)
         if not math.isfinite(loss):
             log.error("step %d: loss is %s; stopping (lower optim.lr or use bf16)", progress.step, loss)
             return EXIT_ERROR
-        window.add(loss, time.perf_counter() - t_step, result.data_wait, job.tokens_per_step)
+        window.add(loss, time.perf_counter() - t_step, result, job.tokens_per_step)
         if due(progress.step, spec.train.log_every) or progress.step == total:
             metrics.log(metrics_record(job, progress, window, loss, lr))
             window = LogWindow()
@@ -535,8 +582,10 @@ def fit(job: Job, progress: Progress, window: LogWindow, stop: distributed.StopR
         if stopping:
             stop.acknowledge()  # from here the rank saves and leaves: no grace deadline
         elif due(progress.step, spec.train.eval_every) and progress.step < total:
+            beat.mark("eval")
             log_eval(metrics, progress.step, evaluate(job))
         if stopping or save_due or due(progress.step, spec.checkpoint.every_steps):
+            beat.mark("save")
             save_checkpoint(job, progress, window)
             saved.mark(progress.step)
         if stopping:
@@ -548,17 +597,21 @@ def fit(job: Job, progress: Progress, window: LogWindow, stop: distributed.StopR
             )
             return EXIT_REQUEUE
     bar.close()
-    return finish(job, progress, window, metrics, saved)
+    return finish(job, progress, window, metrics, saved, beat)
 
 
-def finish(job: Job, progress: Progress, window: LogWindow, metrics: MetricsLogger, saved: SaveClock) -> int:
+def finish(
+    job: Job, progress: Progress, window: LogWindow, metrics: MetricsLogger, saved: SaveClock, beat: Heartbeat
+) -> int:
     """After the last step: final evaluation, final checkpoint, the FINISHED marker."""
     run_dir = Path(job.spec.run.dir)
+    beat.mark("eval")
     val_loss = evaluate(job)
     log_eval(metrics, progress.step, val_loss)
     if val_loss is not None:
         log.info("final validation loss %.4f (perplexity %.2f)", val_loss, math.exp(min(val_loss, 50)))
     if job.spec.checkpoint.save_at_end and saved.step != progress.step:
+        beat.mark("save")
         save_checkpoint(job, progress, window)
     if job.env.is_main:
         (run_dir / FINISHED).write_text(f"step {progress.step}\n")
@@ -594,6 +647,16 @@ class ProgressBar:
 
 
 def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
+    """Run the job under this rank's heartbeat and hang watchdog (``bigtx.heartbeat``); returns the exit code."""
+    # the dump must come before a peer's collective timeout ends the job
+    limits = heartbeat.Limits(spec.watchdog.factor, spec.watchdog.floor_s, distributed.timeout().total_seconds() / 2)
+    # SLURM's node name is what `scontrol` and `sbatch --exclude` take; hosts can be named otherwise
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    with Heartbeat(Path(spec.run.dir), env.rank, env.world_size, host, limits) as beat:
+        return run(spec, env, ds_config, beat)
+
+
+def run(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], beat: Heartbeat) -> int:
     """Start the process group, plan the resume, build, restore and fit; returns the exit code."""
     run_dir = Path(spec.run.dir)
     stop = distributed.StopRequest(lifetime.stop_grace())
@@ -622,7 +685,7 @@ def train(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any]) -> int:
             announce(job, ds_config, hosts, progress)
         metrics = open_metrics(job, progress)
         try:
-            return fit(job, progress, window, stop, metrics)
+            return fit(job, progress, window, stop, metrics, beat)
         finally:
             metrics.close()
     finally:

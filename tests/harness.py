@@ -73,10 +73,18 @@ class Run:
         return "\n".join(f"--- rank {i} ---\n{log.read_text()[-4000:]}" for i, log in enumerate(self.logs))
 
 
-def start(spec: str, overrides: list[str], nproc: int, log_dir: Path, env: dict[str, str] | None = None) -> Run:
-    """Start ``nproc`` ranks of ``python -m bigtx.train SPEC --set ...``."""
+def start(
+    spec: str,
+    overrides: list[str],
+    nproc: int,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    module: str = "bigtx.train",
+) -> Run:
+    """Start ``nproc`` ranks of ``python -m bigtx.train SPEC --set ...`` (or of a test seam ``module``
+    that wraps it)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "bigtx.train", spec, *(f"--set={o}" for o in overrides)]
+    args = [sys.executable, "-m", module, spec, *(f"--set={o}" for o in overrides)]
     stamp = time.monotonic_ns()
     logs = [log_dir / f"rank{rank}-{stamp}.log" for rank in range(nproc)]
     return Run(spawn_local(args, nproc, {**base_env(), **(env or {})}, logs, cwd=REPO), logs)

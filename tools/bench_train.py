@@ -1,6 +1,7 @@
 """Step time of `bigtx train` against a plain PyTorch DDP loop: same model, batch, ranks, precision.
 
     python tools/bench_train.py [--steps 40] [--stages 0 2 3] [--out bench_results/bench_train.json]
+    python tools/bench_train.py --watch-cost [--stages 2] [--repeats 3]
 
 Every side runs on 2 local gloo ranks, one after the other, alternating, `--repeats` times:
 
@@ -11,6 +12,12 @@ Every side runs on 2 local gloo ranks, one after the other, alternating, `--repe
   per-step loss/stop all-reduce included).
 
 bigtx/DDP is the overhead the issue asks about; bigtx/DeepSpeed is what bigtx itself adds.
+
+``--watch-cost`` instead compares `bigtx train` with itself less the hang and straggler machinery
+(``bigtx.heartbeat``'s heartbeat and watchdog thread, the per-log-step all-gather), both with
+``train.log_every=1`` (a gather every step, the worst case), alternating. Its time per step is the
+interval between consecutive steps' starts on rank 0, so it includes the logging and the gather
+that ``step_time_s`` leaves out.
 """
 
 from __future__ import annotations
@@ -121,9 +128,8 @@ def run_ddp(steps: int, precision: str, work: Path) -> float:
     return statistics.median(json.loads(out.read_text())[WARMUP:])
 
 
-def run_bigtx(steps: int, precision: str, stage: int, shards: Path, work: Path) -> float:
-    run_dir = work / f"bigtx-z{stage}-{time.monotonic_ns()}"
-    overrides = MODEL + [
+def bigtx_overrides(run_dir: Path, shards: Path, steps: int, precision: str, stage: int) -> list[str]:
+    return MODEL + [
         f"run.dir={run_dir}",
         f"data.train={shards}",
         f"train.max_steps={steps}",
@@ -136,11 +142,127 @@ def run_bigtx(steps: int, precision: str, stage: int, shards: Path, work: Path) 
         "train.progress_bar=false",
         "schedule.warmup_steps=2",
     ]
+
+
+def run_bigtx(steps: int, precision: str, stage: int, shards: Path, work: Path) -> float:
+    run_dir = work / f"bigtx-z{stage}-{time.monotonic_ns()}"
+    overrides = bigtx_overrides(run_dir, shards, steps, precision, stage)
     cmd = [sys.executable, "-m", "bigtx.train", "tiny", *(f"--set={o}" for o in overrides)]
     procs = spawn_local(cmd, 2, {"BIGTX_DIST_TIMEOUT_S": "120"})
     assert all(p.wait() == 0 for p in procs), "bigtx train failed"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["step_time_s"] for r in records if "loss" in r and r["step"] > WARMUP)
+
+
+class Unwatched:
+    """``bigtx.heartbeat.Heartbeat`` doing nothing: no file, no thread, no watchdog."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def __enter__(self) -> Unwatched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def step(self, step: int) -> None:
+        pass
+
+    def mark(self, phase: str) -> float:
+        return time.perf_counter()
+
+
+def bigtx_worker(watched: bool, out: Path, argv: list[str]) -> int:
+    """One rank of `bigtx train` that records when each step starts and how long each straggler
+    gather takes (rank 0 writes both to ``out``); unless ``watched``, without heartbeat, watchdog and
+    straggler gathering."""
+    from bigtx import train
+
+    starts: list[float] = []
+    gathers: list[float] = []
+    step, gather = train.train_step, train.stragglers
+
+    def timed_step(*args: object) -> object:
+        starts.append(time.perf_counter())
+        return step(*args)
+
+    def timed_gather(window: object) -> object:
+        t0 = time.perf_counter()
+        fields = gather(window)
+        gathers.append(time.perf_counter() - t0)
+        return fields
+
+    train.train_step = timed_step
+    train.stragglers = timed_gather if watched else lambda window: {}
+    if not watched:
+        train.Heartbeat = Unwatched
+    code = train.main(argv)
+    if os.environ["RANK"] == "0":
+        out.write_text(json.dumps({"steps": [b - a for a, b in zip(starts, starts[1:])], "gathers": gathers}))
+    return code
+
+
+def run_bigtx_watch(
+    watched: bool, steps: int, precision: str, stage: int, shards: Path, work: Path
+) -> tuple[float, float | None]:
+    """Median time per step (start to start, steps after the warm-up) with or without the watch, and
+    the median straggler gather (None without)."""
+    run_dir = work / f"bigtx-watch{int(watched)}-z{stage}-{time.monotonic_ns()}"
+    out = work / f"watch{int(watched)}-z{stage}.json"
+    overrides = bigtx_overrides(run_dir, shards, steps, precision, stage)
+    cmd = [sys.executable, __file__, "--bigtx-worker", str(int(watched)), str(out), "tiny"]
+    cmd += [f"--set={o}" for o in overrides]
+    root = str(Path(__file__).resolve().parents[1])
+    procs = spawn_local(cmd, 2, {"BIGTX_DIST_TIMEOUT_S": "120", "PYTHONPATH": root})
+    assert all(p.wait() == 0 for p in procs), "bigtx worker failed"
+    result = json.loads(out.read_text())
+    gathers = result["gathers"][WARMUP:]
+    return statistics.median(result["steps"][WARMUP:]), statistics.median(gathers) if gathers else None
+
+
+def watch_cost(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shards = build_shards(work)
+        times: dict[tuple[int, bool], list[float]] = {(s, w): [] for s in args.stages for w in (False, True)}
+        gathers: dict[int, list[float]] = {s: [] for s in args.stages}
+        for _ in range(args.repeats):
+            for stage in args.stages:
+                for watched in (False, True):
+                    step_s, gather_s = run_bigtx_watch(watched, args.steps, args.precision, stage, shards, work)
+                    times[stage, watched].append(step_s)
+                    if gather_s is not None:
+                        gathers[stage].append(gather_s)
+    print(f"model {' '.join(MODEL)}; 2 ranks gloo CPU; {args.precision}; train.log_every=1; {args.repeats} repeats")
+    print(
+        f"{'config':<9} {'without s':>10} {'with s':>9} {'with/without':>13} {'gather ms':>10} {'gather/step':>12}"
+        "  (each repeat's ratio)"
+    )
+    rows = []
+    for stage in args.stages:
+        off, on = statistics.median(times[stage, False]), statistics.median(times[stage, True])
+        gather = statistics.median(gathers[stage])
+        each = [b / a for a, b in zip(times[stage, False], times[stage, True])]
+        rows.append(
+            {
+                "zero_stage": stage,
+                "without_s": off,
+                "with_s": on,
+                "ratio": on / off,
+                "repeat_ratios": each,
+                "gather_s": gather,
+            }
+        )
+        ratios = " ".join(f"{r:.3f}" for r in each)
+        print(
+            f"{'ZeRO-' + str(stage):<9} {off:>10.4f} {on:>9.4f} {on / off:>13.4f} {gather * 1e3:>10.3f} "
+            f"{gather / off:>12.5f}  {ratios}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"precision": args.precision, "steps": args.steps, "watch_cost": rows}, indent=2))
+    print(f"wrote {out}")
 
 
 def build_shards(work: Path) -> Path:
@@ -177,10 +299,23 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", default="bench_results/bench_train.json")
+    parser.add_argument("--out", help="JSON results (default bench_results/bench_train[_watch].json)")
     parser.add_argument("--ddp-worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--ds-worker", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--watch-cost", action="store_true", help="bigtx with vs without heartbeat/watchdog/stragglers")
+    parser.add_argument("--bigtx-worker", nargs=2, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.bigtx_worker:
+        code = bigtx_worker(args.bigtx_worker[0] == "1", Path(args.bigtx_worker[1]), rest)
+        sys.stdout.flush()
+        os._exit(code)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.out is None:
+        args.out = f"bench_results/bench_train{'_watch' if args.watch_cost else ''}.json"
+    if args.watch_cost:
+        watch_cost(args)
+        return
     if args.ddp_worker:
         ddp_worker(int(args.ddp_worker[0]), args.ddp_worker[1], Path(args.ddp_worker[2]))
         return

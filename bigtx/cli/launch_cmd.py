@@ -44,6 +44,7 @@ def _slurm(args: argparse.Namespace) -> int:
             sbatch_options=args.sbatch_option,
             python=args.python,
             job_name=args.job_name,
+            exclude_stuck_node=args.exclude_stuck_node,
         )
         opts.check()
     except ValueError as exc:
@@ -147,6 +148,11 @@ def _add_slurm(lsub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--template", type=Path, default=None, help=f"batch script template (default {slurm.default_template()})"
+    )
+    p.add_argument(
+        "--exclude-stuck-node",
+        action="store_true",
+        help="when the ranks fail and `bigtx doctor` finds a rank stuck, resubmit the script without its node",
     )
     p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
     p.set_defaults(func=_slurm)

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "export_cmd",
     "generate_cmd",
     "plot_cmd",
+    "doctor_cmd",
     "demo_cmd",
 ]
 

@@ -259,6 +259,21 @@ class CheckpointSection(Section):
     save_at_end: bool = Field(True, description="Save a checkpoint when the run finishes.")
 
 
+class WatchdogSection(Section):
+    factor: float = Field(
+        10.0,
+        gt=1,
+        allow_inf_nan=False,
+        description="A phase (data, forward, ...) is stuck when it runs past this many median step times.",
+    )
+    floor_s: float = Field(
+        300.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="...and at least this many seconds; at most half of BIGTX_DIST_TIMEOUT_S (collective timeout).",
+    )
+
+
 class DeepSpeedSection(Section):
     base: str | None = Field(
         None, description="A base DeepSpeed JSON: a name in ds_configs/ (e.g. zero2) or a path; the spec fills it."
@@ -282,6 +297,9 @@ class RunSpec(Section):
     zero: ZeroSection = Field(default_factory=ZeroSection, description="DeepSpeed ZeRO sharding and offload.")
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="Saving and resuming.")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed base config.")
+    watchdog: WatchdogSection = Field(
+        default_factory=WatchdogSection, description="Hang watchdog: when a rank dumps its stacks under RUN_DIR/hang."
+    )
 
     @model_validator(mode="after")
     def _check_cross_section(self) -> RunSpec:

@@ -51,6 +51,8 @@ class SlurmOptions:
     sbatch_options: list[str] = field(default_factory=list)  # extra #SBATCH lines, e.g. --qos=high
     python: str = sys.executable
     job_name: str | None = None
+    # after the ranks failed, resubmit without the node of a rank `bigtx doctor` finds stuck
+    exclude_stuck_node: bool = False
 
     @property
     def world_size(self) -> int:
@@ -156,11 +158,19 @@ def fill_template(template: str, values: dict[str, str]) -> str:
 
 
 def render_script(
-    template: str, opts: SlurmOptions, *, run_dir: Path, spec_path: Path, workdir: Path, job_name: str
+    template: str,
+    opts: SlurmOptions,
+    *,
+    run_dir: Path,
+    spec_path: Path,
+    workdir: Path,
+    job_name: str,
+    script_path: Path,
 ) -> str:
-    """The batch script for ``opts``; paths must be absolute."""
+    """The batch script for ``opts``, to be written to ``script_path``; paths must be absolute."""
     opts.check()
-    for name, path in (("run.dir", run_dir), ("spec", spec_path), ("working directory", workdir)):
+    paths = (("run.dir", run_dir), ("spec", spec_path), ("working directory", workdir), ("script", script_path))
+    for name, path in paths:
         if not path.is_absolute():
             raise ValueError(f"{name}: {path} must be absolute")
         # #SBATCH lines and DeepSpeed's --launcher_args are split on white space
@@ -182,6 +192,8 @@ def render_script(
         "mode": opts.mode,
         "exit_wait": str(opts.exit_wait),
         "env_exports": "\n".join(exports),
+        "exclude_stuck_node": str(int(opts.exclude_stuck_node)),
+        "script_q": shlex.quote(str(script_path)),
     }
     return fill_template(template, values)
 
@@ -220,7 +232,13 @@ def write_launch(
     files = launch_files(spec, workdir)
     job_name = opts.job_name or files.script.stem
     text = render_script(
-        template.read_text(), opts, run_dir=files.run_dir, spec_path=files.spec, workdir=workdir, job_name=job_name
+        template.read_text(),
+        opts,
+        run_dir=files.run_dir,
+        spec_path=files.spec,
+        workdir=workdir,
+        job_name=job_name,
+        script_path=files.script,
     )
     files.script.parent.mkdir(parents=True, exist_ok=True)
     (files.run_dir / "logs").mkdir(parents=True, exist_ok=True)  # SLURM does not create --output's folder

@@ -85,7 +85,7 @@ def test_metrics_tensorboard_and_run_dir(tmp_path: Path, byte_shards: Path) -> N
     train(
         "tiny", tiny_overrides(run_dir, byte_shards, "train.max_steps=12", "train.eval_every=5"), 2, tmp_path / "logs"
     )
-    for name in ("spec.yaml", "train.log", "metrics.jsonl", "tb", "checkpoints", "FINISHED"):
+    for name in ("spec.yaml", "train.log", "metrics.jsonl", "tb", "checkpoints", "FINISHED", "heartbeat/rank1.json"):
         assert (run_dir / name).exists(), name
     records = metrics(run_dir)
     steps = [r["step"] for r in records if "loss" in r]
@@ -106,8 +106,14 @@ def test_metrics_tensorboard_and_run_dir(tmp_path: Path, byte_shards: Path) -> N
         "loss_scale",
         "skipped_steps",
         "bad_shards",
+        "slowest_rank",
+        "slowest_busy_s",
+        "median_busy_s",
+        "slowest_data_wait_s",
+        "median_data_wait_s",
     }
     assert required <= set(records[0])
+    assert {r["slowest_rank"] for r in records if "loss" in r} <= {0, 1}
     assert records[0]["tokens"] == 2 * 4 * 64  # world x micro batch x seq_len
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [5, 10, 12] and all(r["val_ppl"] > 1 for r in evals)
@@ -115,7 +121,7 @@ def test_metrics_tensorboard_and_run_dir(tmp_path: Path, byte_shards: Path) -> N
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_gb", "tflops"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_gb", "tflops", "slowest_rank", "slowest_busy_s"):
         assert f"train/{key}" in tags
     assert "val/val_loss" in tags
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))

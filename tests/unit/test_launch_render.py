@@ -38,6 +38,7 @@ def render(tmp_path: Path, **opts) -> str:
         spec_path=tmp_path / "run" / "launch" / "bigtx-x.yaml",
         workdir=tmp_path,
         job_name="bigtx-x",
+        script_path=tmp_path / "run" / "launch" / "bigtx-x.sbatch",
     )
 
 
@@ -193,14 +194,21 @@ STUBS = {
 case "$1 $2" in
   "show hostnames") printf 'n1\\nn2\\n' ;;
   "show node") echo "NodeName=$3 Arch=x86_64 CoresPerSocket=1"; echo "   NodeAddr=10.0.0.${3#n} NodeHostName=$3" ;;
+  "show job") echo "JobId=$3 JobName=x"; echo "   ReqNodeList=(null) ExcNodeList=${EXCLUDED:-(null)}" ;;
   *) echo "scontrol $*" >> "$CALLS" ;;
 esac""",
+    "sbatch": 'echo "sbatch $*" >> "$CALLS"',
     "scancel": 'echo "scancel $*" >> "$CALLS"; [ -z "${SCANCEL_FAILS:-}" ] || exit 1; touch "$STUB_DIR/signalled"',
     # srun (or DeepSpeed's runner, via the fake python): record, then behave as $RANKS says
     "srun": 'exec "$STUB_DIR/ranks" srun "$@"',
     "python": 'exec "$STUB_DIR/ranks" python "$@"',
     "ranks": """\
 echo "$* MASTER=$MASTER_ADDR:$MASTER_PORT" >> "$CALLS"
+# `bigtx doctor`: a report, or with --stuck-nodes the nodes in $STUCK
+case "$*" in
+  *"bigtx doctor"*--stuck-nodes*) echo "$STUCK"; exit 1 ;;
+  *"bigtx doctor"*) echo "runs/x: stuck"; exit 1 ;;
+esac
 trap 'echo "$1 got USR1" >> "$CALLS"; touch "$STUB_DIR/signalled"' USR1
 case "$RANKS" in
   exit*) exit "${RANKS#exit }" ;;
@@ -293,6 +301,33 @@ def test_exit_75_requeues(tmp_path: Path, stubs: Path) -> None:
     code, out, calls = run_script(tmp_path, stubs, f"exit {EXIT_REQUEUE}")
     assert calls[-1] == "scontrol requeue 4321"
     assert code == 0 and "requeueing job 4321" in out
+
+
+@pytest.mark.parametrize(
+    "env, exclude",
+    [({"STUCK": "n2"}, "n2"), ({"STUCK": "n2", "EXCLUDED": "n7"}, "n7,n2"), ({"STUCK": ""}, None)],
+)
+def test_failed_ranks_resubmit_without_the_stuck_node(tmp_path: Path, stubs: Path, env: dict, exclude: str) -> None:
+    proc, calls = start_script(tmp_path, stubs, "exit 1", env, exclude_stuck_node=True)
+    out, _ = proc.communicate(timeout=30)
+    lines = calls.read_text().splitlines()
+    doctor = f"python -m bigtx doctor {tmp_path}/run"
+    assert [line.split(" MASTER=")[0] for line in lines[1:3]] == [doctor, f"{doctor} --stuck-nodes"], out
+    assert proc.returncode == 1 and "runs/x: stuck" in out
+    script = tmp_path / "run" / "launch" / "bigtx-x.sbatch"
+    if exclude is None:
+        assert not [line for line in lines if line.startswith(("sbatch", "scontrol"))]
+    else:
+        assert lines[-1] == f"sbatch --exclude={exclude} {script}"
+        assert f"bigtx doctor finds node(s) n2 stuck: submitting {script} again with --exclude={exclude}" in out
+
+
+@pytest.mark.parametrize("rank_code, option", [(1, False), (EXIT_REQUEUE, True), (0, True)])
+def test_no_doctor_without_the_option_or_a_failure(tmp_path: Path, stubs: Path, rank_code: int, option: bool) -> None:
+    proc, calls = start_script(tmp_path, stubs, f"exit {rank_code}", {"STUCK": "n2"}, exclude_stuck_node=option)
+    out, _ = proc.communicate(timeout=30)
+    lines = calls.read_text().splitlines()
+    assert not [line for line in lines if "bigtx doctor" in line or line.startswith("sbatch")], out
 
 
 def wait_for_ranks(proc: subprocess.Popen, calls: Path) -> None:
