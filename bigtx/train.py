@@ -66,6 +66,9 @@ def preflight(spec: RunSpec, env: DistEnv) -> dict[str, Any]:
 
     Raises ``SpecError``/``DataError``/``ValueError`` with a message naming the field or variable.
     """
+    if spec.distill is not None:
+        # the spec section and its loss exist (bigtx.model.distill_loss); the loop does not use them yet
+        raise SpecError(["distill: distillation is not wired into `bigtx train` yet; remove the distill section"])
     try:
         ds_config = derive_deepspeed_config(spec, env.world_size)
         check_layout(spec.zero, env.world_size, env.local_world_size, torch.cuda.is_available())
