@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from bigtx.config.model_presets import MODEL_PRESETS
 
@@ -288,8 +288,12 @@ class DistillSection(Section):
     )
 
     @model_validator(mode="after")
-    def _check_paths(self) -> DistillSection:
-        # checked here so that a typo fails at `bigtx config validate`, before any process starts
+    def _check_paths(self, info: ValidationInfo) -> DistillSection:
+        # Checked here so that a typo fails at `bigtx config validate`, before any process starts. A spec
+        # read back from a checkpoint or export (context "saved") describes weights that no longer need
+        # the teacher, which may have moved since.
+        if (info.context or {}).get("saved"):
+            return self
         if not Path(self.teacher).is_dir():
             raise ValueError(
                 f"teacher: no directory {self.teacher!r}{_relative_note(self.teacher)}; give a Hugging Face model "

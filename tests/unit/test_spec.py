@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bigtx import train
 from bigtx.checkpoint import spec_changes
@@ -19,6 +20,7 @@ from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.model_presets import MODEL_PRESETS
 from bigtx.config.spec import DistillSection, ModelSection
 from bigtx.distributed import DistEnv
+from bigtx.model.weights import read_model_section
 
 
 def base(**sections: dict) -> dict:
@@ -331,3 +333,16 @@ def test_train_refuses_distill_until_it_is_wired(tmp_path: Path) -> None:
     spec = load_spec("tiny", [f"distill.teacher={tmp_path}"])
     with pytest.raises(SpecError, match="distill: distillation is not wired into `bigtx train` yet"):
         train.preflight(spec, DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
+
+
+def test_a_saved_spec_reads_back_after_its_teacher_moved(tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    data = spec_to_dict(load_spec("tiny", [f"distill.teacher={teacher}"]))
+    teacher.rmdir()
+    with pytest.raises(SpecError, match="distill.teacher: no directory"):
+        validate_spec(data)
+    # what a checkpoint's bigtx_meta.json or an export's spec.yaml holds: its weights need no teacher
+    assert validate_spec(data, saved=True).distill.teacher == str(teacher)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    assert read_model_section(tmp_path) == load_spec("tiny").model
