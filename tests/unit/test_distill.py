@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bigtx import train
 from bigtx.config import SpecError, load_spec, spec_to_dict, validate_spec
 from bigtx.config.spec import ModelSection
 from bigtx.data.tokenizer import train_tokenizer
 from bigtx.distill import open_teacher, teacher_logits
+from bigtx.distributed import DistEnv
 from bigtx.export import WeightSource, export_safetensors, open_model
 from bigtx.export.types import expected_shapes
 from bigtx.model import Transformer
@@ -173,3 +175,12 @@ def test_hugging_face_teacher_needs_its_tokenizer_and_matches_transformers(tmp_p
     with torch.no_grad():
         expected = hf_model(ids()).logits
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_train_preflight_checks_the_teacher_before_any_process_group(tmp_path: Path) -> None:
+    env = DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single")
+    with pytest.raises(SpecError, match=f"distill.teacher: {tmp_path}: not a bigtx run directory"):
+        train.preflight(load_spec("tiny", [f"distill.teacher={tmp_path}"]), env)
+    teacher = export_teacher(reference(TEACHER), tmp_path)
+    with pytest.raises(SpecError, match="distill.source: cached teacher logits are not read yet; use online"):
+        train.preflight(load_spec("tiny", [f"distill.teacher={teacher}", f"distill.source={tmp_path}"]), env)

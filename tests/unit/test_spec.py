@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bigtx import train
 from bigtx.checkpoint import spec_changes
 from bigtx.cli.main import main
 from bigtx.config import RunSpec, SpecError, load_spec, preset_names, spec_to_dict, validate_spec
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.model_presets import MODEL_PRESETS
 from bigtx.config.spec import DistillSection, ModelSection
-from bigtx.distributed import DistEnv
 from bigtx.model.weights import read_model_section
 
 
@@ -327,12 +325,6 @@ def test_distill_paths_must_be_directories(tmp_path: Path, monkeypatch: pytest.M
 def test_cli_validate_reports_a_missing_teacher(tmp_path: Path) -> None:
     res = run_cli("config", "validate", "tiny", "--set", f"distill.teacher={tmp_path / 'nope'}")
     assert res.returncode == 2 and "distill.teacher: no directory" in res.stderr and "Traceback" not in res.stderr
-
-
-def test_train_refuses_distill_until_it_is_wired(tmp_path: Path) -> None:
-    spec = load_spec("tiny", [f"distill.teacher={tmp_path}"])
-    with pytest.raises(SpecError, match="distill: distillation is not wired into `bigtx train` yet"):
-        train.preflight(spec, DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
 
 
 def test_a_saved_spec_reads_back_after_its_teacher_moved(tmp_path: Path) -> None:
