@@ -186,3 +186,24 @@ def test_bad_inputs_are_clear_errors(change: dict, message: str) -> None:
     tensors = [args.pop(name) for name in ("student", "teacher", "targets")]
     with pytest.raises(ValueError, match=message):
         distill_loss(*tensors, **args)
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_no_full_size_temporary_is_allocated(top_k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    chunk_bytes = 2**18
+    monkeypatch.setitem(loss_module._CHUNK_BYTES, "cpu", chunk_bytes)
+    n, vocab = 1024, 1000  # the logits: 2 MB in bf16, 4 MB in fp32, against 256 KiB chunks
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, 16, generator=gen).bfloat16()
+    head = torch.randn(vocab, 16, generator=gen).bfloat16().requires_grad_()
+    teacher = torch.randn(n, vocab, generator=gen).bfloat16()
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    # overwrite: nothing full-size at all (the head's backward needs none); else only the bf16 gradient
+    for overwrite, allowed in ((True, chunk_bytes), (False, n * vocab * 2)):
+        student = hidden @ head.t()  # a non-leaf, as in the model: a leaf's gradient would be copied
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            losses = distill_loss(student, teacher, targets, alpha=0.5, temperature=2.0, top_k=top_k,
+                                  overwrite_logits=overwrite)  # fmt: skip
+            losses.total.backward()
+        largest = max(event.self_cpu_memory_usage for event in prof.events())
+        assert chunk_bytes // 2 < largest <= allowed, (overwrite, largest)
