@@ -42,11 +42,15 @@ from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.layout import check_layout
 from bigtx.data import DataError, build_loader, check_data
+from bigtx.distill import open_teacher, teacher_logits
 from bigtx.distributed import EXIT_ERROR, EXIT_FINISHED, EXIT_REQUEUE, EXIT_USAGE, DistEnv
+from bigtx.export import open_model
+from bigtx.export.types import DTYPES
 from bigtx.heartbeat import Heartbeat
 from bigtx.memory_check import memory_report
 from bigtx.metrics import MetricsLogger, peak_tflops
 from bigtx.model import Transformer
+from bigtx.model.distill_loss import distill_loss
 from bigtx.model.weights import load_weights, weight_reader
 from bigtx.optim import lr_at, param_groups
 
@@ -70,6 +74,10 @@ def preflight(spec: RunSpec, env: DistEnv) -> dict[str, Any]:
 
     Raises ``SpecError``/``DataError``/``ValueError`` with a message naming the field or variable.
     """
+    if spec.distill is not None:
+        if spec.distill.source != "online":
+            raise SpecError(["distill.source: cached teacher logits are not read yet; use online"])
+        open_teacher(spec.distill.teacher, spec.data, spec.model.vocab_size)
     try:
         ds_config = derive_deepspeed_config(spec, env.world_size)
         check_layout(spec.zero, env.world_size, env.local_world_size, torch.cuda.is_available())
@@ -181,6 +189,7 @@ class Job:
     global_batch: int
     total_steps: int
     device: torch.device
+    teacher: Transformer | None = None  # distill: frozen, replicated on every rank
 
     @property
     def tokens_per_step(self) -> int:
@@ -249,6 +258,10 @@ def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePl
     except DataError as exc:
         log.warning("no validation: %s", exc)
         val_loader = None
+    teacher = None
+    if spec.distill is not None:
+        source = open_teacher(spec.distill.teacher, spec.data, spec.model.vocab_size)
+        teacher = open_model(source, DTYPES[spec.precision], distributed.device(env))
     return Job(
         spec,
         env,
@@ -260,6 +273,7 @@ def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePl
         global_batch,
         spec.total_steps(env.world_size),
         distributed.device(env),
+        teacher,
     )
 
 
@@ -380,7 +394,7 @@ def train_step(job: Job, batches: Iterator, lr: float, beat: Heartbeat) -> StepR
         t_data = beat.mark("data")
         x, y = next(batches)
         t_forward = beat.mark("forward")
-        loss = engine(x.to(job.device), y.to(job.device))
+        loss = micro_batch_loss(job, x.to(job.device), y.to(job.device))
         t_backward = beat.mark("backward")
         engine.backward(loss)
         t_optimizer = beat.mark("optimizer")
@@ -389,6 +403,21 @@ def train_step(job: Job, batches: Iterator, lr: float, beat: Heartbeat) -> StepR
         data_wait += t_forward - t_data
         backward += t_optimizer - t_backward
     return StepResult(loss_sum / job.accum, data_wait, backward)
+
+
+def micro_batch_loss(job: Job, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The student's cross-entropy, or with ``distill`` the fused (1 - alpha) * CE + alpha * KD."""
+    if job.teacher is None:
+        return job.engine(x, y)
+    d = job.spec.distill
+    assert d is not None
+    logits, teacher = job.engine(x).flatten(0, 1), teacher_logits(job.teacher, x).flatten(0, 1)
+    # nothing else holds the student's logits: their storage takes the gradient (as in Transformer.forward)
+    losses = distill_loss(
+        logits, teacher, y.flatten(), alpha=d.alpha, temperature=d.temperature, kind=d.kind, top_k=d.top_k,
+        overwrite_logits=True,
+    )  # fmt: skip
+    return losses.total
 
 
 @dataclass

@@ -20,23 +20,11 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """(Transformer holding the weights in eval mode, the WeightSource they came from)."""
     import torch
 
-    from bigtx.export import open_source
-    from bigtx.model import Transformer
+    from bigtx.export import open_model, open_source
 
     source = open_source(Path(args.model), args.tag)
-    cfg = source.spec.model.model_copy(update={"compile": False, "dropout": 0.0, "activation_checkpointing": "none"})
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    # built on the meta device and then allocated once: no time spent on a random init
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=args.device)
-    model.refill_buffers()  # non-persistent buffers are in no weights file
-    model = model.to(dtype).eval()
-    state = model.state_dict()
-    with torch.no_grad():
-        for key, tensor in source.tensors():  # one tensor at a time: no second copy of the model
-            state[key].copy_(tensor)
-    return model, source
+    return open_model(source, dtype, args.device), source
 
 
 def _tokenizer(source: Any, override: str | None) -> Any:

@@ -9,11 +9,12 @@ from bigtx.config.loading import (
     spec_to_dict,
     validate_spec,
 )
-from bigtx.config.spec import DataSection, DataSource, ModelSection, RunSpec
+from bigtx.config.spec import DataSection, DataSource, DistillSection, ModelSection, RunSpec
 
 __all__ = [
     "DataSection",
     "DataSource",
+    "DistillSection",
     "ModelSection",
     "RunSpec",
     "SpecError",

@@ -37,14 +37,22 @@ def _default(field: typing.Any) -> str:
     return f"`{json.dumps(field.default)}`"
 
 
+def _section(annotation: object) -> type[BaseModel] | None:
+    """The section model of a top-level field typed ``Section`` or ``Section | None``; None for a scalar."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def spec_tables_markdown() -> str:
-    """One table per section: field, type, default, description."""
+    """One table per section (optional ones included): field, type, default, description."""
     out = []
     top = [(name, f) for name, f in RunSpec.model_fields.items()]
-    scalars = [(n, f) for n, f in top if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))]
+    scalars = [(n, f) for n, f in top if _section(f.annotation) is None]
     for name, field in top:
-        model = field.annotation
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        model = _section(field.annotation)
+        if model is None:
             continue
         out.append(f"#### `{name}` — {field.description}\n")
         out.append("| field | type | default | description |\n|---|---|---|---|")

@@ -121,10 +121,14 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
     return lines
 
 
-def validate_spec(data: dict[str, Any], source: str = "") -> RunSpec:
-    """Validate a raw mapping into a ``RunSpec`` or raise ``SpecError`` listing every problem."""
+def validate_spec(data: dict[str, Any], source: str = "", *, saved: bool = False) -> RunSpec:
+    """Validate a raw mapping into a ``RunSpec`` or raise ``SpecError`` listing every problem.
+
+    ``saved``: the spec was read back from a run, checkpoint or weights directory, so the paths only
+    a run needs (``distill.teacher``, ``distill.source``) are not required to exist.
+    """
     try:
-        return RunSpec.model_validate(data)
+        return RunSpec.model_validate(data, context={"saved": saved})
     except ValidationError as exc:
         raise SpecError(_format_validation_error(exc), source) from None
 
@@ -142,10 +146,10 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_spec(spec: str, overrides: list[str] | None = None) -> RunSpec:
-    """Load a spec from a YAML path or preset name, apply overrides, validate."""
+def load_spec(spec: str, overrides: list[str] | None = None, *, saved: bool = False) -> RunSpec:
+    """Load a spec from a YAML path or preset name, apply overrides, validate (``saved``: as in ``validate_spec``)."""
     data, source = read_spec_dict(spec)
-    return validate_spec(apply_overrides(data, overrides or []), source)
+    return validate_spec(apply_overrides(data, overrides or []), source, saved=saved)
 
 
 def spec_to_dict(spec: RunSpec) -> dict[str, Any]:

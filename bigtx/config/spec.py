@@ -9,9 +9,10 @@ the dotted field they are about, so the CLI prints ``model.n_heads: ...``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from bigtx.config.model_presets import MODEL_PRESETS
 
@@ -283,6 +284,48 @@ class DeepSpeedSection(Section):
     )
 
 
+class DistillSection(Section):
+    teacher: str = Field(
+        description="Teacher: a Hugging Face model, `bigtx export safetensors` output, or bigtx run/checkpoint (a dir)."
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="Loss = (1 - alpha) x cross-entropy + alpha x KD.")
+    temperature: float = Field(
+        1.0, gt=0, description="Both distributions are softmax(logits / temperature); KD is scaled by its square."
+    )
+    kind: Literal["forward_kl", "reverse_kl"] = Field(
+        "forward_kl", description="KD term: KL(teacher ‖ student) (forward_kl) or KL(student ‖ teacher) (reverse_kl)."
+    )
+    top_k: int = Field(
+        0, ge=0, description="KD over the teacher's top-k tokens, both renormalised over them (0: full vocabulary)."
+    )
+    source: str = Field(
+        "online", description="`online`: run the teacher each step; or a directory of cached teacher logits."
+    )
+
+    @model_validator(mode="after")
+    def _check_paths(self, info: ValidationInfo) -> DistillSection:
+        # Checked here so that a typo fails at `bigtx config validate`, before any process starts. A spec
+        # read back from a checkpoint or export (context "saved") describes weights that no longer need
+        # the teacher, which may have moved since.
+        if (info.context or {}).get("saved"):
+            return self
+        if not Path(self.teacher).is_dir():
+            raise ValueError(
+                f"teacher: no directory {self.teacher!r}{_relative_note(self.teacher)}; give a Hugging Face model "
+                "directory, a `bigtx export safetensors` directory, or a bigtx run or checkpoint directory"
+            )
+        if self.source != "online" and not Path(self.source).is_dir():
+            raise ValueError(
+                f"source: no directory {self.source!r}{_relative_note(self.source)}; "
+                "give `online` or a directory of cached teacher logits"
+            )
+        return self
+
+
+def _relative_note(path: str) -> str:
+    return "" if Path(path).is_absolute() else f" (relative to the working directory {Path.cwd()})"
+
+
 Precision = Literal["bf16", "fp16", "fp32"]
 
 
@@ -299,6 +342,9 @@ class RunSpec(Section):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed base config.")
     watchdog: WatchdogSection = Field(
         default_factory=WatchdogSection, description="Hang watchdog: when a rank dumps its stacks under RUN_DIR/hang."
+    )
+    distill: DistillSection | None = Field(
+        None, description="Knowledge distillation from a teacher model (optional; absent: plain pretraining)."
     )
 
     @model_validator(mode="after")

@@ -103,7 +103,7 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
 
 def spec_of(meta: dict[str, Any], where: Path) -> RunSpec:
     try:
-        return validate_spec(meta["spec"], str(where / META))
+        return validate_spec(meta["spec"], str(where / META), saved=True)
     except (KeyError, SpecError) as exc:
         raise CheckpointError(f"{where / META}: the saved run spec is unreadable ({exc})") from None
 
@@ -290,7 +290,7 @@ def checkpoint_source(path: Path) -> WeightSource:
 
 def weights_dir_source(path: Path) -> WeightSource:
     """The weights of a `bigtx export safetensors`/`bigtx import hf` directory, as stored."""
-    spec = load_spec(str(path / SPEC_FILE))
+    spec = load_spec(str(path / SPEC_FILE), saved=True)
     files = tensor_files(path)
     found = {}
     for file in sorted(set(files.values())):

@@ -42,9 +42,13 @@ def cross_entropy(
     if logits.ndim != 2 or targets.shape != logits.shape[:1] or logits.shape[1] == 0:
         shapes = f"{tuple(logits.shape)} and {tuple(targets.shape)}"
         raise ValueError(f"expected logits [N, V > 0] and targets [N], got {shapes}")
+    return _ChunkedCrossEntropy.apply(logits, targets, ignore_index, chunk_rows(logits), overwrite_logits)
+
+
+def chunk_rows(logits: Tensor) -> int:
+    """Rows of ``logits`` [N, V] per chunk: an fp32 chunk of them fills the device's chunk budget."""
     chunk_bytes = _CHUNK_BYTES.get(logits.device.type, _CHUNK_BYTES_DEFAULT)
-    rows = max(1, chunk_bytes // (4 * logits.shape[1]))
-    return _ChunkedCrossEntropy.apply(logits, targets, ignore_index, rows, overwrite_logits)
+    return max(1, chunk_bytes // (4 * logits.shape[1]))
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

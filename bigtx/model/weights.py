@@ -55,7 +55,7 @@ def read_model_section(path: str | Path) -> ModelSection | None:
     spec_file = Path(path) / SPEC_FILE
     if not spec_file.is_file():
         return None
-    return load_spec(str(spec_file)).model
+    return load_spec(str(spec_file), saved=True).model
 
 
 def _check_architecture(saved: ModelSection, cfg: ModelSection, path: Path) -> None:

@@ -6,14 +6,19 @@ import contextlib
 import io
 import json
 import subprocess
+import typing
+from pathlib import Path
 
 import pytest
+import yaml
 
+from bigtx.checkpoint import spec_changes
 from bigtx.cli.main import main
-from bigtx.config import RunSpec, SpecError, load_spec, preset_names, validate_spec
+from bigtx.config import RunSpec, SpecError, load_spec, preset_names, spec_to_dict, validate_spec
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.model_presets import MODEL_PRESETS
-from bigtx.config.spec import ModelSection
+from bigtx.config.spec import DistillSection, ModelSection
+from bigtx.model.weights import read_model_section
 
 
 def base(**sections: dict) -> dict:
@@ -151,9 +156,9 @@ def test_every_field_has_a_description() -> None:
     def walk(model: type) -> None:
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, RunSpec.__mro__[1]):
-                walk(ann)
+            for ann in (field.annotation, *typing.get_args(field.annotation)):  # a section, optional or not
+                if isinstance(ann, type) and issubclass(ann, RunSpec.__mro__[1]):
+                    walk(ann)
 
     walk(RunSpec)
     schema = RunSpec.model_json_schema()
@@ -247,3 +252,92 @@ def test_zero3_turns_off_the_global_linear_replacement(tmp_path) -> None:
     clash.write_text(json.dumps({"zero_optimization": {"memory_efficient_linear": True}}))
     with pytest.raises(ValueError, match="memory_efficient_linear"):
         derive_deepspeed_config(load_spec("tiny", ["zero.stage=3", f"deepspeed.base={clash}"]), 2)
+
+
+# --- distill: optional, off by default; its paths are checked when the spec is validated
+
+
+def test_distill_is_off_by_default_and_older_specs_resume() -> None:
+    spec = load_spec("tiny")
+    assert spec.distill is None
+    saved = spec_to_dict(spec)
+    del saved["distill"]  # a spec.yaml written before the section existed
+    assert spec_changes(saved, spec_to_dict(spec)) == ([], [])
+
+
+def test_distill_section_defaults(tmp_path: Path) -> None:
+    spec = load_spec("tiny", [f"distill.teacher={tmp_path}"])
+    assert spec.distill == DistillSection(
+        teacher=str(tmp_path), alpha=0.5, temperature=1.0, kind="forward_kl", top_k=0, source="online"
+    )
+    cache = tmp_path / "logits"
+    cache.mkdir()
+    assert load_spec("tiny", [f"distill.teacher={tmp_path}", f"distill.source={cache}"]).distill.source == str(cache)
+
+
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        ("distill.alpha=1.5", "distill.alpha: Input should be less than or equal to 1"),
+        ("distill.alpha=-0.1", "distill.alpha: Input should be greater than or equal to 0"),
+        ("distill.alpha=half", "distill.alpha: Input should be a valid number"),
+        ("distill.temperature=0", "distill.temperature: Input should be greater than 0"),
+        ("distill.kind=js", "distill.kind: Input should be 'forward_kl' or 'reverse_kl'"),
+        ("distill.top_k=-1", "distill.top_k: Input should be greater than or equal to 0"),
+        ("distill.top_k=2.5", "distill.top_k: Input should be a valid integer"),
+        ("distill.alfa=0.3", "distill.alfa: unknown field"),
+    ],
+)
+def test_distill_bad_values_name_the_field(tmp_path: Path, override: str, error: str) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec("tiny", [f"distill.teacher={tmp_path}", override])
+    assert any(e.startswith(error) for e in info.value.errors), info.value.errors
+
+
+def test_distill_needs_a_teacher() -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec("tiny", ["distill.alpha=0.3"])
+    assert info.value.errors == ["distill.teacher: required field is missing"]
+
+
+def test_distill_paths_must_be_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec_file = tmp_path / "kd.yaml"
+    spec_file.write_text("train: {max_steps: 10}\nschedule: {warmup_steps: 1}\ndistill: {teacher: gone/teacher}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError) as info:
+        load_spec(str(spec_file))
+    # the spec file, the field, the path as given and where it was looked for, and the fix
+    assert str(info.value) == (
+        f"invalid run spec in {spec_file}:\n"
+        f"  distill.teacher: no directory 'gone/teacher' (relative to the working directory {tmp_path}); "
+        "give a Hugging Face model directory, a `bigtx export safetensors` directory, or a bigtx run or "
+        "checkpoint directory"
+    )
+    a_file = tmp_path / "model.safetensors"
+    a_file.write_bytes(b"")
+    with pytest.raises(SpecError, match=f"distill.teacher: no directory '{a_file}'; give"):
+        load_spec("tiny", [f"distill.teacher={a_file}"])
+    with pytest.raises(SpecError) as info:
+        load_spec("tiny", [f"distill.teacher={tmp_path}", "distill.source=offline"])
+    assert info.value.errors == [
+        f"distill.source: no directory 'offline' (relative to the working directory {tmp_path}); "
+        "give `online` or a directory of cached teacher logits"
+    ]
+
+
+def test_cli_validate_reports_a_missing_teacher(tmp_path: Path) -> None:
+    res = run_cli("config", "validate", "tiny", "--set", f"distill.teacher={tmp_path / 'nope'}")
+    assert res.returncode == 2 and "distill.teacher: no directory" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_saved_spec_reads_back_after_its_teacher_moved(tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    data = spec_to_dict(load_spec("tiny", [f"distill.teacher={teacher}"]))
+    teacher.rmdir()
+    with pytest.raises(SpecError, match="distill.teacher: no directory"):
+        validate_spec(data)
+    # what a checkpoint's bigtx_meta.json or an export's spec.yaml holds: its weights need no teacher
+    assert validate_spec(data, saved=True).distill.teacher == str(teacher)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    assert read_model_section(tmp_path) == load_spec("tiny").model

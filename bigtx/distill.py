@@ -1,0 +1,96 @@
+"""The distillation teacher (``distill.teacher``): checked against the student, then loaded frozen.
+
+``open_teacher`` reads only what describes the teacher (its spec, tokenizer, tensor names and
+shapes) and refuses one that cannot teach this student: another vocabulary, another tokenizer or a
+shorter context. It runs before any process group starts. ``bigtx.export.open_model(source, dtype,
+device)`` then reads the weights into a ``Transformer`` in the student's dtype, in eval mode, with no
+parameter requiring gradients (and no optimizer); ``teacher_logits`` runs its forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bigtx.checkpoint import CheckpointError
+from bigtx.config import DataSection, SpecError
+from bigtx.data.tokenizer import ByteTokenizer, load_tokenizer
+from bigtx.export import ExportError, WeightSource, open_source
+from bigtx.export.consolidate import find_tokenizer_file, is_hf_dir
+from bigtx.model import Transformer
+
+
+def open_teacher(path: str, data: DataSection, vocab_size: int) -> WeightSource:
+    """The teacher's weights at ``path`` (anything ``bigtx.export.open_source`` reads), unread.
+
+    ``data`` and ``vocab_size`` are the student's ``data`` section and ``model.vocab_size``. Raises
+    ``SpecError`` with ``distill.teacher: ...`` lines when the path holds no model, or when the
+    teacher's ``model.vocab_size`` or tokenizer (compared by the sha256 of its tokenizer.json, or
+    both ``byte``) differ from the student's, or its ``max_seq_len`` is below ``data.seq_len``.
+    """
+    try:
+        source = open_source(Path(path))
+    except (ExportError, CheckpointError) as exc:
+        raise SpecError([f"distill.teacher: {exc}"]) from None
+    teacher = source.spec
+    problems = []
+    if teacher.model.vocab_size != vocab_size:
+        problems.append(
+            f"distill.teacher: the teacher's model.vocab_size is {teacher.model.vocab_size} ({source.path}), "
+            f"the student's {vocab_size}; the KD term compares the two distributions token by token, so use a "
+            "teacher with the student's vocabulary"
+        )
+    theirs, their_hash = _teacher_tokenizer(source)
+    student = load_tokenizer(data.tokenizer)
+    if their_hash != student.sha256:
+        problems.append(
+            f"distill.teacher: the teacher's tokenizer {theirs} is not the student's data.tokenizer "
+            f"{data.tokenizer} (sha256 {their_hash[:12]} vs {student.sha256[:12]}); distill with a teacher "
+            "trained on the student's tokenizer"
+        )
+    if teacher.model.max_seq_len < data.seq_len:
+        problems.append(
+            f"distill.teacher: the teacher's model.max_seq_len is {teacher.model.max_seq_len}, shorter than "
+            f"data.seq_len={data.seq_len}; lower data.seq_len"
+        )
+    if problems:
+        raise SpecError(problems)
+    return source
+
+
+def _teacher_tokenizer(source: WeightSource) -> tuple[str, str]:
+    """(the teacher's tokenizer as a name or path, the sha256 bigtx records for it)."""
+    if is_hf_dir(source.path) and not (source.path / "tokenizer.json").is_file():
+        # the import's spec says `byte` for want of anything better, which would hide a mismatch
+        raise SpecError(
+            [
+                f"distill.teacher: {source.path} has no tokenizer.json, so its tokenizer cannot be checked "
+                "against the student's; copy the model's tokenizer.json into it"
+            ]
+        )
+    name = source.spec.data.tokenizer
+    if name == "byte":
+        return "byte", ByteTokenizer.sha256
+    found = find_tokenizer_file(name, source.path)
+    if found is None:
+        raise SpecError(
+            [
+                f"distill.teacher: the teacher's tokenizer {name} (data.tokenizer in its spec) is not found "
+                f"beside {source.path} or from the working directory; put its tokenizer.json beside the weights"
+            ]
+        )
+    # the same hash as HFTokenizer.sha256: of the file's bytes
+    return str(found), hashlib.sha256(found.read_bytes()).hexdigest()
+
+
+@torch.no_grad()
+def teacher_logits(teacher: Transformer, input_ids: Tensor) -> Tensor:
+    """The teacher's logits [B, T, V] for ``input_ids`` [B, T], in its dtype, with no autograd history.
+
+    ``no_grad`` rather than ``inference_mode``: ``distill_loss`` saves these logits for its backward,
+    which autograd refuses for inference tensors.
+    """
+    return teacher(input_ids)

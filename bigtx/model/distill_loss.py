@@ -1,0 +1,206 @@
+"""Cross-entropy fused with a knowledge-distillation term, in row chunks (as ``bigtx.model.loss``).
+
+Distillation holds two logits tensors of size [N, V]: the student's and the teacher's. Writing fp32
+copies of both, their softmaxes and a full-size gradient would multiply the memory of the logits
+several times over. ``distill_loss`` reads both in row chunks of ``bigtx.model.loss.chunk_rows``
+rows, keeps only chunk-sized fp32 temporaries, and writes the student's gradient once (optionally
+into the student logits' own storage); the teacher's logits get no gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from bigtx.model.loss import chunk_rows
+
+KDKind = Literal["forward_kl", "reverse_kl"]
+
+
+class DistillLosses(NamedTuple):
+    """The loss to differentiate and its parts (fp32 scalars; the parts carry no gradient)."""
+
+    total: Tensor  # (1 - alpha) * ce + alpha * kd
+    ce: Tensor  # the student's cross-entropy against the targets
+    kd: Tensor  # temperature**2 * mean KL divergence between the two distributions
+    teacher_ce: Tensor  # the teacher's own cross-entropy against the targets
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    *,
+    alpha: float,
+    temperature: float = 1.0,
+    kind: KDKind = "forward_kl",
+    top_k: int = 0,
+    ignore_index: int = -100,
+    overwrite_logits: bool = False,
+) -> DistillLosses:
+    """``(1 - alpha) * CE + alpha * KD`` of ``student_logits`` [N, V], with ``teacher_logits`` [N, V]
+    (same dtype, no gradient) and ``targets`` [N].
+
+    With ``s``, ``t`` one row of student and teacher logits and ``T = temperature``:
+
+    - ``ce``: mean over counted rows of ``-log_softmax(s)[target]``; ``teacher_ce`` the same of ``t``.
+      Both at temperature 1, over the full vocabulary.
+    - ``kd``: ``T**2`` times the mean over counted rows of ``KL(p || q)`` (``forward_kl``) or
+      ``KL(q || p)`` (``reverse_kl``), where ``p = softmax(t[S] / T)`` and ``q = softmax(s[S] / T)``.
+      ``S`` is the full vocabulary when ``top_k`` is 0; otherwise the ``top_k`` token ids with the
+      largest teacher logits in that row (``torch.topk`` of the fp32 teacher logits, which breaks
+      ties), so both distributions are renormalised over those ``top_k`` tokens and the KD term sends
+      gradient only to the student logits in ``S``. ``T**2`` keeps the KD gradient's size
+      independent of ``T`` (Hinton et al., 2015).
+
+    A row is counted when its target is not ``ignore_index``; other rows contribute to no term and
+    get zero gradient. If no row is counted every value is NaN and the gradient zero (as with
+    ``F.cross_entropy``). All arithmetic is fp32 whatever the logits' dtype; the gradient is scaled
+    by the incoming gradient (an fp16 loss scale) before it is rounded to the logits' dtype. With
+    ``alpha == 0`` the total and its gradient equal ``bigtx.model.loss.cross_entropy`` bit for bit.
+
+    The teacher's logits stay referenced until the backward when ``top_k`` is 0 (the KD gradient
+    needs them); with ``top_k`` > 0 only the top-k values (fp32) and ids [N, top_k] are kept.
+    ``overwrite_logits``: as in ``cross_entropy``, the backward writes the gradient into
+    ``student_logits``.
+    """
+    n, vocab = student_logits.shape if student_logits.ndim == 2 else (0, 0)
+    if student_logits.ndim != 2 or vocab == 0 or teacher_logits.shape != student_logits.shape:
+        shapes = f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        raise ValueError(f"expected student and teacher logits of one shape [N, V > 0], got {shapes}")
+    if targets.shape != (n,):
+        raise ValueError(f"expected targets [N] = [{n}], got {tuple(targets.shape)}")
+    if teacher_logits.dtype != student_logits.dtype:
+        raise ValueError(
+            f"teacher logits are {teacher_logits.dtype}, student logits {student_logits.dtype}: "
+            "run the teacher in the student's precision"
+        )
+    if teacher_logits.requires_grad:
+        raise ValueError("teacher logits require grad: run the teacher's forward under torch.no_grad()")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if kind not in ("forward_kl", "reverse_kl"):
+        raise ValueError(f"kind must be 'forward_kl' or 'reverse_kl', got {kind!r}")
+    if not 0 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in [0, V={vocab}], got {top_k}")
+    options = _Options(
+        ignore_index, float(alpha), float(temperature), kind == "reverse_kl", top_k, chunk_rows(student_logits)
+    )
+    total, ce, kd, teacher_ce = _ChunkedDistill.apply(
+        student_logits, teacher_logits, targets, options, overwrite_logits
+    )
+    return DistillLosses(total, ce, kd, teacher_ce)
+
+
+class _Options(NamedTuple):
+    ignore_index: int
+    alpha: float
+    temperature: float
+    reverse: bool
+    top_k: int
+    rows: int
+
+
+def _log_softmax_at(x: Tensor, temperature: float) -> Tensor:
+    return torch.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1)
+
+
+def _kl_rows(log_q: Tensor, log_p: Tensor, reverse: bool) -> Tensor:
+    """Per row: KL(p || q) = sum p (log p - log q), or KL(q || p) if ``reverse``. From log-probs, so a
+    probability that underflows to 0 contributes 0, not 0 * -inf."""
+    if reverse:
+        return (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def _kl_grad(log_q: Tensor, log_p: Tensor, reverse: bool) -> Tensor:
+    """Per row: the gradient of ``_kl_rows`` with respect to the student's tempered logits (q's logits)."""
+    q = log_q.exp()
+    if reverse:
+        # d/dz sum q (log q - log p) = q * (d - sum q d), d = log q - log p
+        d = log_q - log_p
+        return q * (d - (q * d).sum(dim=-1, keepdim=True))
+    return q - log_p.exp()
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, student: Tensor, teacher: Tensor, targets: Tensor, opt: _Options, overwrite: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        valid = targets != opt.ignore_index
+        safe_targets = torch.where(valid, targets, 0)
+        ce, kd, teacher_ce = (torch.zeros((), dtype=torch.float32, device=student.device) for _ in range(3))
+        top_values: list[Tensor] = []
+        top_ids: list[Tensor] = []
+        for start in range(0, student.shape[0], opt.rows):
+            end = start + opt.rows
+            counted, target = valid[start:end], safe_targets[start:end, None]
+            s, t = student[start:end].float(), teacher[start:end].float()
+            log_q1, log_p1 = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+            # the same summation as cross_entropy, so that alpha = 0 reproduces it exactly
+            ce -= torch.where(counted, log_q1.gather(1, target).squeeze(1), 0.0).sum()
+            teacher_ce -= torch.where(counted, log_p1.gather(1, target).squeeze(1), 0.0).sum()
+            if opt.top_k:
+                t_values, ids = t.topk(opt.top_k, dim=-1)
+                top_values.append(t_values)
+                top_ids.append(ids)
+                log_q = _log_softmax_at(s.gather(1, ids), opt.temperature)
+                log_p = _log_softmax_at(t_values, opt.temperature)
+            elif opt.temperature == 1.0:
+                log_q, log_p = log_q1, log_p1
+            else:
+                log_q, log_p = _log_softmax_at(s, opt.temperature), _log_softmax_at(t, opt.temperature)
+            kd += torch.where(counted, _kl_rows(log_q, log_p, opt.reverse), 0.0).sum()
+        count = valid.sum()
+        ce, kd, teacher_ce = ce / count, kd * opt.temperature**2 / count, teacher_ce / count
+        total = (1.0 - opt.alpha) * ce + opt.alpha * kd
+        if opt.top_k:
+            ctx.save_for_backward(student, safe_targets, valid, count, torch.cat(top_values), torch.cat(top_ids))
+        else:
+            ctx.save_for_backward(student, safe_targets, valid, count, teacher)
+        ctx.opt, ctx.overwrite = opt, overwrite
+        ctx.mark_non_differentiable(ce, kd, teacher_ce)
+        return total, ce, kd, teacher_ce
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, *_unused: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        student, safe_targets, valid, count, *teacher_saved = ctx.saved_tensors
+        opt: _Options = ctx.opt
+        row_scale = valid.float() * (grad_total.float() / count.clamp_min(1))
+        ce_scale = row_scale * (1.0 - opt.alpha)
+        # d(T² KL)/d(logit) = T² * (1/T) * d KL / d(logit / T)
+        kd_scale = row_scale * (opt.alpha * opt.temperature)
+        grad = student if ctx.overwrite else torch.empty_like(student)
+        for start in range(0, student.shape[0], opt.rows):
+            end = start + opt.rows
+            s = student[start:end].float()
+            chunk_grad = None
+            if opt.alpha < 1.0:
+                # (softmax - one_hot(target)) * scale, in cross_entropy's order of operations
+                chunk_grad = torch.softmax(s, dim=-1)
+                minus_one = chunk_grad.new_full((chunk_grad.shape[0], 1), -1.0)
+                chunk_grad.scatter_add_(1, safe_targets[start:end, None], minus_one).mul_(ce_scale[start:end, None])
+            if opt.alpha > 0.0:
+                kd_grad = _kd_grad(s, [x[start:end] for x in teacher_saved], opt).mul_(kd_scale[start:end, None])
+                chunk_grad = kd_grad if chunk_grad is None else chunk_grad.add_(kd_grad)
+            grad[start:end] = chunk_grad
+        return grad, None, None, None, None
+
+
+def _kd_grad(s: Tensor, teacher_chunk: list[Tensor], opt: _Options) -> Tensor:
+    """d KL / d(s / T) for one chunk of fp32 student logits ``s``, over the full vocabulary (zero off the
+    top-k ids). ``teacher_chunk``: the teacher's logits, or its top-k values and ids."""
+    if opt.top_k:
+        t_values, ids = teacher_chunk
+        log_q = _log_softmax_at(s.gather(1, ids), opt.temperature)
+        sparse = _kl_grad(log_q, _log_softmax_at(t_values, opt.temperature), opt.reverse)
+        return torch.zeros_like(s).scatter_(1, ids, sparse)
+    (t,) = teacher_chunk
+    return _kl_grad(_log_softmax_at(s, opt.temperature), _log_softmax_at(t.float(), opt.temperature), opt.reverse)
