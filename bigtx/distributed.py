@@ -104,15 +104,17 @@ def timeout() -> timedelta:
 _M_MMAP_THRESHOLD = -3
 
 
-def cap_mmap_threshold(limit: int = 1 << 20) -> bool:
+def cap_mmap_threshold(limit: int = 2 << 20) -> bool:
     """Serve every allocation of ``limit`` bytes or more with its own mmap, so freeing it returns the
     memory to the system at once. Returns whether it was set (glibc only; a no-op elsewhere).
 
     glibc's threshold is dynamic: each freed mmapped chunk raises it to that chunk's size (up to 32
     MiB), so after the first big tensors are freed, later ones of that size come from the heap and
-    stay in the process's resident memory after they are freed. Setting it fixes the threshold. On
-    the CPU, a 273M-parameter ZeRO-3 bf16 run on 4 ranks peaked at 2.4 GB per rank with 1 MiB,
-    more without (tools/bench_memory.py, README).
+    stay in the process's resident memory after they are freed. Setting it fixes the threshold. Each
+    mmapped allocation costs page faults, so the limit trades host memory for speed on the CPU
+    (tools/bench_memory.py, 273M bf16 ZeRO-3 on 4 ranks: peak 2.00x the model states at 1 MiB, 2.08x
+    at 2 MiB, 2.22x at 4 MiB, 3.18x unset; the ZeRO-3 step of tools/bench_train.py, 1.35x a bare
+    DeepSpeed engine at 1 MiB, 0.97x at 2 MiB). On GPUs few host allocations are this big.
     """
     import ctypes
     import platform
