@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub.required = True
 
     desc = (
-        "Tokenize text files (one document per file) and .jsonl files (one per line), optionally .gz, into "
+        "Tokenize text files (one document per file), .jsonl files (one per line), optionally .gz or .zst, "
+        ".parquet files and Hugging Face datasets save_to_disk directories (one per row) into "
         "WebDataset shards train-000000.tar, val-000000.tar, ... and DIR/index.json. Same input, "
         "byte-identical output."
     )
@@ -83,7 +84,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="tokenizer processes (default: CPU cores, at most 8)",
     )
-    b.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
+    b.add_argument(
+        "--text-field",
+        default="text",
+        help="field (column) holding the text in .jsonl, .parquet and .arrow inputs (default: text)",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace shards and index already in DIR")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_build)

@@ -23,7 +23,7 @@ import numpy as np
 import bigtx
 from bigtx.config import sizes
 from bigtx.data.errors import DataError
-from bigtx.data.inputs import ReadStats, expand_inputs, iter_documents
+from bigtx.data.inputs import ReadStats, expand_inputs, is_compressed, iter_documents, kind_of
 from bigtx.data.shards import ShardSetWriter, ids_dtype, npy_bytes, sample_bytes
 from bigtx.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -89,7 +89,7 @@ def auto_shard_size(input_bytes: int, sample_ratio: float, val_fraction: float) 
     """The shard size that cuts the train split into about ``AUTO_SHARDS`` shards, within [4 KiB, 64 MB].
 
     The train split is estimated as ``input_bytes`` (the input files' size, compressed for ``.gz``, so
-    an underestimate there: more, smaller shards) times ``sample_ratio`` (shard bytes per text byte,
+    an underestimate there and for parquet: more, smaller shards) times ``sample_ratio`` (shard bytes per text byte,
     measured on the first chunk of documents) times ``1 - val_fraction``."""
     train_bytes = input_bytes * sample_ratio * (1.0 - val_fraction)
     return min(MAX_AUTO_SHARD_SIZE, max(MIN_SHARD_SIZE, int(train_bytes) // AUTO_SHARDS))
@@ -279,7 +279,8 @@ def build_shards(
     writers: dict[str, ShardSetWriter] = {}
     stats = ReadStats()
     input_bytes = sum(os.path.getsize(f) for f in files)
-    total = None if any(f.endswith(".gz") for f in files) else input_bytes
+    # compressed inputs have more text than file bytes: no total (and so no misleading percentage) for them
+    total = None if any(is_compressed(f) or kind_of(f) == "parquet" for f in files) else input_bytes
     auto = shard_size is None
     start = time.perf_counter()
     eos = np.array([tok.eos_id], dtype=dtype)
@@ -303,7 +304,7 @@ def build_shards(
     if ordinal == 0:
         raise DataError(
             f"--input: no documents in {len(files)} file(s) "
-            f"({stats.empty_docs} empty documents and {stats.bad_lines} bad jsonl lines skipped)"
+            f"({stats.empty_docs} empty documents and {stats.bad_lines} bad records skipped)"
         )
     shards = {name: w.close() for name, w in writers.items()}
     options = {
@@ -338,7 +339,7 @@ def summary(index: dict) -> str:
     if s["non_utf8_docs"]:
         skipped.append(f"{s['non_utf8_docs']} documents with non-UTF-8 bytes (replaced)")
     if s["bad_lines_skipped"]:
-        skipped.append(f"{s['bad_lines_skipped']} bad jsonl lines skipped")
+        skipped.append(f"{s['bad_lines_skipped']} bad records (jsonl lines, null parquet/arrow values) skipped")
     if skipped:
         lines.append("; ".join(skipped))
     if not va["shards"] and options.get("val_fraction", 0) > 0:
