@@ -31,8 +31,8 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "bigtx-shards"
 INDEX_VERSION = 1
 SPLITS = ("train", "val")
-_CHUNK_BYTES = 1 << 20  # text per tokenization task
-_CHUNK_DOCS = 1024
+CHUNK_CHARS = 1 << 20  # text (characters) per tokenization task
+CHUNK_DOCS = 1024
 
 _SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")
 MIN_SHARD_SIZE = 4096
@@ -95,18 +95,19 @@ def auto_shard_size(input_bytes: int, sample_ratio: float, val_fraction: float) 
     return min(MAX_AUTO_SHARD_SIZE, max(MIN_SHARD_SIZE, int(train_bytes) // AUTO_SHARDS))
 
 
-def _sample_ratio(ids: list[np.ndarray], sources: list[str], text_bytes: int, dtype: np.dtype) -> float:
-    """Shard bytes per byte of text for one chunk of tokenized documents (EOS included)."""
+def sample_ratio(lengths: Sequence[int], sources: Sequence[str], text_bytes: int, dtype: np.dtype) -> float:
+    """Shard bytes per byte of text for one chunk of tokenized documents of ``lengths`` tokens (EOS included)."""
     header = len(npy_bytes(np.zeros(0, dtype)))  # the same 128 bytes for any length a document has
     itemsize = np.dtype(dtype).itemsize
-    shard = sum(
-        sample_bytes(header + (len(doc) + 1) * itemsize, len(src.encode("utf-8"))) for doc, src in zip(ids, sources)
-    )
+    shard = sum(sample_bytes(header + n * itemsize, len(src.encode("utf-8"))) for n, src in zip(lengths, sources))
     return shard / max(1, text_bytes)
 
 
 def chunk_documents(docs):
-    """Group ``(source, text)`` pairs into tokenization tasks of about 1 MB of text (at most 1024 documents)."""
+    """Group ``(source, text)`` pairs into tokenization tasks of about 1 MB of text (at most 1024 documents).
+
+    A chunk ends at the first document that brings it to ``CHUNK_CHARS`` characters or ``CHUNK_DOCS``
+    documents (``bigtx.data.parts`` finds the first chunk of a merged build by the same rule)."""
     chunk_src: list[str] = []
     chunk_txt: list[str] = []
     size = 0
@@ -114,7 +115,7 @@ def chunk_documents(docs):
         chunk_src.append(source)
         chunk_txt.append(text)
         size += len(text)
-        if size >= _CHUNK_BYTES or len(chunk_txt) >= _CHUNK_DOCS:
+        if size >= CHUNK_CHARS or len(chunk_txt) >= CHUNK_DOCS:
             yield chunk_src, chunk_txt
             chunk_src, chunk_txt, size = [], [], 0
     if chunk_txt:
@@ -291,7 +292,8 @@ def build_shards(
         for sources, ids, splits, nbytes in _encoded(chunks, tokenizer, val_fraction, workers):
             if not writers:  # opened at the first chunk, which an automatic shard size is measured on
                 if shard_size is None:
-                    shard_size = auto_shard_size(input_bytes, _sample_ratio(ids, sources, nbytes, dtype), val_fraction)
+                    ratio = sample_ratio([len(d) + 1 for d in ids], sources, nbytes, dtype)
+                    shard_size = auto_shard_size(input_bytes, ratio, val_fraction)
                 writers = {name: ShardSetWriter(out_dir, name, shard_size, dtype) for name in SPLITS}
             for source, doc, split in zip(sources, ids, splits):
                 writers[split].write(f"{ordinal:010d}", np.concatenate([doc.astype(dtype, copy=False), eos]), source)
