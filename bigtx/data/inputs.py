@@ -151,6 +151,9 @@ def _base(path: str) -> str:
     return path
 
 
+KINDS = ("text", "jsonl", "parquet", "arrow")
+
+
 def kind_of(path: str) -> str:
     """``text``, ``jsonl``, ``parquet`` or ``arrow``: how ``path`` is read."""
     name = _base(path)

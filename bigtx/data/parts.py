@@ -53,7 +53,7 @@ from bigtx.data.build import (
     write_index,
 )
 from bigtx.data.errors import DataError
-from bigtx.data.inputs import ReadStats, Unit, expand_inputs, kind_of, read_unit, whole
+from bigtx.data.inputs import KINDS, ReadStats, Unit, expand_inputs, kind_of, read_unit, whole
 from bigtx.data.shards import ShardSetWriter, ids_dtype
 from bigtx.data.tokenizer import load_tokenizer
 
@@ -65,6 +65,7 @@ DOC_DTYPE = np.dtype(
 )
 _PART_SPEC = re.compile(r"([0-9]+)/([0-9]+)")
 _PART_FILES = (PART_NAME, "tokens.bin", "docs.bin")
+_BLOCK_DOCS = 1 << 16  # docs.bin records turned into Python values at a time
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -249,7 +250,8 @@ def build_part(
 
 
 def _read_part(part_dir: str) -> dict:
-    """The ``part.json`` of a complete part directory; ``DataError`` naming what is wrong."""
+    """The ``part.json`` of a complete part directory, checked against itself and its two data files;
+    ``DataError`` naming what is wrong."""
     path = os.path.join(part_dir, PART_NAME)
     if not os.path.isfile(path):
         raise DataError(
@@ -260,16 +262,32 @@ def _read_part(part_dir: str) -> dict:
             record = json.load(f)
         if record.get("format") != PART_FORMAT or record.get("version") != PART_VERSION:
             raise ValueError(f'no "format": "{PART_FORMAT}", "version": {PART_VERSION}')
-        itemsize = np.dtype(record["plan"]["dtype"]).itemsize
-        expected = {"docs.bin": record["documents"] * DOC_DTYPE.itemsize, "tokens.bin": record["tokens"] * itemsize}
-        int(record["part"]), int(record["parts"]), str(record["plan_sha256"]), list(record["units"])
+        if _digest(record["plan"]) != record["plan_sha256"]:
+            raise ValueError("its plan does not match its plan_sha256 (edited?)")
+        dtype = np.dtype(record["plan"]["dtype"])
+        for unit in record["units"]:
+            if not (isinstance(unit["path"], str) and unit["kind"] in KINDS and isinstance(unit["lines"], int)):
+                raise ValueError(f"bad unit {unit}")
+        if not (isinstance(record["part"], int) and isinstance(record["parts"], int)):
+            raise ValueError("part and parts must be integers")
+        sizes = {"docs.bin": record["documents"] * DOC_DTYPE.itemsize, "tokens.bin": record["tokens"] * dtype.itemsize}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"PARTS: {path} is not a usable part record ({exc})") from None
-    for name, size in expected.items():
+    for name, size in sizes.items():
         file = os.path.join(part_dir, name)
         got = os.path.getsize(file) if os.path.isfile(file) else None
         if got != size:
             raise DataError(f"PARTS: {file} has {got} bytes, {PART_NAME} says {size} (damaged or incomplete part)")
+    if record["documents"]:
+        meta = np.memmap(os.path.join(part_dir, "docs.bin"), DOC_DTYPE, mode="r")
+        if (
+            int(meta["tokens"].sum()) != record["tokens"]
+            or meta["tokens"].min() < 1
+            or meta["unit"].min() < 0
+            or meta["unit"].max() >= len(record["units"])
+            or meta["split"].max() >= len(SPLITS)
+        ):
+            raise DataError(f"PARTS: {part_dir}/docs.bin does not match {PART_NAME} (damaged part)")
     return record
 
 
@@ -310,11 +328,12 @@ def _documents(parts: list[tuple[str, dict]], dtype: np.dtype) -> Iterator[tuple
         meta = np.memmap(os.path.join(part_dir, "docs.bin"), DOC_DTYPE, mode="r")
         tokens = np.memmap(os.path.join(part_dir, "tokens.bin"), dtype.newbyteorder("<"), mode="r")
         pos = 0
-        for n, chars, nbytes, unit, rec, split in meta.tolist():
-            path, offset = sources[unit]
-            source = path if rec < 0 else f"{path}:{rec + offset}"
-            yield source, tokens[pos : pos + n], SPLITS[split], chars, nbytes
-            pos += n
+        for block in range(0, len(meta), _BLOCK_DOCS):
+            for n, chars, nbytes, unit, rec, split in meta[block : block + _BLOCK_DOCS].tolist():
+                path, offset = sources[unit]
+                source = path if rec < 0 else f"{path}:{rec + offset}"
+                yield source, tokens[pos : pos + n], SPLITS[split], chars, nbytes
+                pos += n
 
 
 def merge_parts(part_dirs: Sequence[str], out_dir: str, *, overwrite: bool = False) -> dict:

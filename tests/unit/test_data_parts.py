@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from bigtx.cli.main import main
 from bigtx.data import DataError
 from bigtx.data.build import build_shards
-from bigtx.data.parts import build_part, merge_parts, parse_part, plan_part
+from bigtx.data.parts import DOC_DTYPE, build_part, merge_parts, parse_part, plan_part
 
 
 def make_inputs(root):
@@ -92,7 +93,7 @@ def parts(inputs, tmp_path):
 
 def test_merge_refuses_a_missing_duplicated_foreign_or_damaged_part(inputs, parts, tmp_path):
     with pytest.raises(DataError, match="missing part"):
-        merge_parts(parts[:2], str(tmp_path / "o"))
+        merge_parts(parts[1:2], str(tmp_path / "o"))
     with pytest.raises(DataError, match="part 2/3 given twice"):
         merge_parts([*parts, parts[1]], str(tmp_path / "o"))
     other = str(tmp_path / "other")
@@ -101,13 +102,23 @@ def test_merge_refuses_a_missing_duplicated_foreign_or_damaged_part(inputs, part
         merge_parts([parts[0], other, parts[2]], str(tmp_path / "o"))
     with pytest.raises(DataError, match="holds no part.json"):
         merge_parts([*parts[:2], str(tmp_path)], str(tmp_path / "o"))
-    (tmp_path / "p3" / "part.json").write_text('{"format": "something else"}')
-    with pytest.raises(DataError, match="not a usable part record"):
+    record = json.loads((tmp_path / "p1" / "part.json").read_text())
+    record["plan"]["options"]["val_fraction"] = 0.5  # edited by hand: the plan no longer matches its digest
+    (tmp_path / "p1" / "part.json").write_text(json.dumps(record))
+    with pytest.raises(DataError, match="its plan does not match its plan_sha256"):
         merge_parts(parts, str(tmp_path / "o"))
+    meta = np.fromfile(tmp_path / "p2" / "docs.bin", DOC_DTYPE)
+    meta["unit"][-1] = 99  # a unit the part never read
+    meta.tofile(tmp_path / "p2" / "docs.bin")
+    with pytest.raises(DataError, match=r"p2/docs\.bin does not match part\.json"):
+        merge_parts(parts[1:], str(tmp_path / "o"))
+    (tmp_path / "p3" / "part.json").write_text('{"format": "something else"}')
+    with pytest.raises(DataError, match=r"p3/part\.json is not a usable part record \(no \"format\""):
+        merge_parts(parts[2:], str(tmp_path / "o"))
     with open(os.path.join(parts[1], "tokens.bin"), "r+b") as f:
         f.truncate(10)
     with pytest.raises(DataError, match=r"tokens\.bin has 10 bytes, part\.json says"):
-        merge_parts(parts[:2], str(tmp_path / "o"))
+        merge_parts(parts[1:2], str(tmp_path / "o"))
     assert not os.path.exists(tmp_path / "o" / "index.json")
 
 
