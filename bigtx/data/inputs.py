@@ -335,31 +335,33 @@ def _lines(unit: Unit, f) -> Iterator[bytes]:
 def _jsonl_documents(unit: Unit, stats: ReadStats, text_field: str) -> Iterator[tuple[int | None, str]]:
     path = unit.path
     lineno = 0
-    with _open(path) as f:
-        for raw in _lines(unit, f):
-            lineno += 1
-            stats.unit_lines[unit] = lineno
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}" if unit.first else f"{path}: line {lineno} after byte {unit.start}"
-            try:
-                obj = json.loads(_decode(raw, stats))
-            except json.JSONDecodeError as exc:
-                _bad_line(stats, where, f"not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(obj, dict) or text_field not in obj:
-                _bad_line(stats, where, f"no {text_field!r} field")
-                continue
-            text = obj[text_field]
-            if not isinstance(text, str):
-                _bad_line(stats, where, f"field {text_field!r} is {type(text).__name__}, not a string")
-                continue
-            text = _clean(text, stats)
-            if not text.strip():
-                stats.empty_docs += 1
-                continue
-            stats.documents += 1
-            yield lineno, text
+    try:
+        with _open(path) as f:
+            for raw in _lines(unit, f):
+                lineno += 1
+                if not raw.strip():
+                    continue
+                where = f"{path}:{lineno}" if unit.first else f"{path}: line {lineno} after byte {unit.start}"
+                try:
+                    obj = json.loads(_decode(raw, stats))
+                except json.JSONDecodeError as exc:
+                    _bad_line(stats, where, f"not valid JSON ({exc.msg})")
+                    continue
+                if not isinstance(obj, dict) or text_field not in obj:
+                    _bad_line(stats, where, f"no {text_field!r} field")
+                    continue
+                text = obj[text_field]
+                if not isinstance(text, str):
+                    _bad_line(stats, where, f"field {text_field!r} is {type(text).__name__}, not a string")
+                    continue
+                text = _clean(text, stats)
+                if not text.strip():
+                    stats.empty_docs += 1
+                    continue
+                stats.documents += 1
+                yield lineno, text
+    finally:
+        stats.unit_lines[unit] = lineno
 
 
 def _text_column(path: str, schema, text_field: str) -> int:
