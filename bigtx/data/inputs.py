@@ -43,6 +43,7 @@ log = logging.getLogger("bigtx.data")
 _GLOB_CHARS = set("*?[")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _COMPRESSED = (".gz", ".zst")
+_ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # continuation token + zero length: an IPC stream's end
 _READ_ROWS = 4096  # parquet/arrow rows per batch: bounded memory even for row groups of long documents
 _MAX_LINE_WARNINGS = 5
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -416,6 +417,13 @@ def _arrow_documents(unit: Unit, stats: ReadStats, text_field: str) -> Iterator[
 
     with pa.memory_map(unit.path) as source:  # datasets writes the stream format; the file format is also read
         is_file = source.read(6) == b"ARROW1"
+        size = source.size()
+        if not is_file and size >= 8:
+            source.seek(size - 8)
+            # A stream cut between two record batches reads as a shorter, complete one; the end-of-stream
+            # marker that writers (datasets' included) put last tells the two apart.
+            if source.read(8) != _ARROW_EOS:
+                raise DataError(f"--input: cannot read {unit.path}: truncated (no Arrow end-of-stream marker)")
         source.seek(0)
         reader = ipc.open_file(source) if is_file else ipc.open_stream(source)
         index = _text_column(unit.path, reader.schema, text_field)

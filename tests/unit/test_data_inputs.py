@@ -115,6 +115,16 @@ def write_bytes(path, data):
     return path
 
 
+def cut_after_first_batch(path):
+    """A stream cut exactly between two record batches: pyarrow alone reads it as complete, with 7 rows."""
+    table = pa.table({"text": TEXTS})
+    with pa.OSFile(str(path), "wb") as sink:
+        writer = ipc.new_stream(sink, table.schema)
+        writer.write_batch(table.to_batches(max_chunksize=7)[0])  # not closed: no end-of-stream marker
+    assert sum(b.num_rows for b in ipc.open_stream(pa.memory_map(str(path)))) == 7
+    return path
+
+
 def truncated(path, keep):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * keep // 100])
@@ -137,6 +147,7 @@ def truncated(path, keep):
         ),
         (lambda d: truncated(write_arrow(d / "a.arrow", pa.table({"text": TEXTS})), 70), r"cannot read .*a\.arrow"),
         (lambda d: write_bytes(d / "g.arrow", b"not arrow at all" * 4), r"cannot read .*g\.arrow"),
+        (lambda d: cut_after_first_batch(d / "b.arrow"), r"b\.arrow: truncated \(no Arrow end-of-stream marker\)"),
         (lambda d: write_arrow(d / "s.arrow", pa.table({"bogus": list(range(9))})), r"'bogus' is int64, not a string"),
     ],
 )
