@@ -53,7 +53,7 @@ from bigtx.data.build import (
     write_index,
 )
 from bigtx.data.errors import DataError
-from bigtx.data.inputs import KINDS, ReadStats, Unit, expand_inputs, kind_of, read_unit, whole
+from bigtx.data.inputs import KINDS, ReadStats, Unit, expand_inputs, is_compressed, kind_of, read_unit, whole
 from bigtx.data.shards import ShardSetWriter, ids_dtype
 from bigtx.data.tokenizer import load_tokenizer
 
@@ -115,15 +115,14 @@ def plan_part(files: Sequence[str], sizes: Sequence[int], part: int, parts: int)
     for path, size in zip(files, sizes):
         kind = kind_of(path)
         end = start + size
-        splits_bytes = kind == "jsonl" and not path.endswith((".gz", ".zst")) and size > 0
-        if splits_bytes:
+        if kind == "jsonl" and not is_compressed(path) and size > 0:
             a, b = max(lo, start), min(hi, end)
             if a < b:
                 units.append(Unit(path, kind, a - start, None if b == end else b - start))
         elif kind == "parquet" and size > 0 and start < hi and end > lo:
             rows = _row_groups(path)
             total_rows = sum(rows)
-            before = np.cumsum([0, *rows[:-1]]).tolist() if rows else []
+            before = [0, *itertools.accumulate(rows)][: len(rows)]  # rows before each row group
             mine = [
                 k for k, r in enumerate(before) if _owner(start + size * r // max(1, total_rows), total, parts) == part
             ]

@@ -144,3 +144,18 @@ def test_cli_parts_and_merge(inputs, tmp_path, capsys):
             main(args)
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.startswith("bigtx: error: ") and "Traceback" not in err, args
+
+
+def test_parts_that_get_nothing(tmp_path):
+    """One compressed file cannot be cut: the part owning its first byte reads it all, the others nothing."""
+    with gzip.open(tmp_path / "only.jsonl.gz", "wt") as f:
+        for i in range(50):
+            f.write(json.dumps({"text": f"gz document {i}"}) + "\n")
+    inputs = [str(tmp_path / "only.jsonl.gz")]
+    build_shards(inputs, "byte", str(tmp_path / "single"), val_fraction=0.1, progress=False)
+    dirs = [str(tmp_path / f"p{i}") for i in (1, 2, 3)]
+    docs = [build_part(inputs, "byte", d, i, 3, val_fraction=0.1, progress=False)["documents"] for i, d in
+            enumerate(dirs, start=1)]  # fmt: skip
+    assert docs == [50, 0, 0]
+    merge_parts(dirs, str(tmp_path / "merged"))
+    assert snapshot(tmp_path / "merged") == snapshot(tmp_path / "single")
