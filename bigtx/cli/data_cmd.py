@@ -12,6 +12,8 @@ def _build(args: argparse.Namespace) -> int:
     from bigtx.data.build import build_shards, parse_size, summary
     from bigtx.data.errors import DataError
 
+    if args.part is not None:
+        return _build_part(args)
     try:
         index = build_shards(
             args.input,
@@ -28,6 +30,51 @@ def _build(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     print(summary(index))
     print(f"wrote {os.path.join(args.out, 'index.json')}")
+    return 0
+
+
+def _build_part(args: argparse.Namespace) -> int:
+    from bigtx.data.build import parse_size
+    from bigtx.data.errors import DataError
+    from bigtx.data.parts import build_part, parse_part
+
+    try:
+        part, parts = parse_part(args.part)
+        record = build_part(
+            args.input,
+            args.tokenizer,
+            args.out,
+            part,
+            parts,
+            shard_size=None if args.shard_size is None else parse_size(args.shard_size),
+            val_fraction=args.val_fraction,
+            workers=args.workers,
+            text_field=args.text_field,
+            overwrite=args.overwrite,
+            progress=False if args.no_progress else None,
+        )
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    mb = record["stats"]["text_bytes"] / 1e6
+    print(
+        f"part {part}/{parts}: {record['documents']:,} documents, {record['tokens']:,} tokens, {mb:,.2f} MB of text "
+        f"from {len(record['units'])} input unit(s) in {record['seconds']:.1f}s"
+    )
+    print(f"wrote {args.out}; when every part is built: bigtx data merge PART_DIRS... --out DIR")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from bigtx.data.build import summary
+    from bigtx.data.errors import DataError
+    from bigtx.data.parts import merge_parts
+
+    try:
+        index = merge_parts(args.parts, args.out, overwrite=args.overwrite)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    print(summary({**index, "seconds": None}))
+    print(f"merged {len(args.parts)} part(s) in {index['seconds']:.1f}s; wrote {os.path.join(args.out, 'index.json')}")
     return 0
 
 
@@ -55,7 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub.required = True
 
     desc = (
-        "Tokenize text files (one document per file) and .jsonl files (one per line), optionally .gz, into "
+        "Tokenize text files (one document per file), .jsonl files (one per line), optionally .gz or .zst, "
+        ".parquet files and Hugging Face datasets save_to_disk directories (one per row) into "
         "WebDataset shards train-000000.tar, val-000000.tar, ... and DIR/index.json. Same input, "
         "byte-identical output."
     )
@@ -83,10 +131,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="tokenizer processes (default: CPU cores, at most 8)",
     )
-    b.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
-    b.add_argument("--overwrite", action="store_true", help="replace shards and index already in DIR")
+    b.add_argument(
+        "--text-field",
+        default="text",
+        help="field (column) holding the text in .jsonl, .parquet and .arrow inputs (default: text)",
+    )
+    b.add_argument(
+        "--part",
+        default=None,
+        metavar="I/N",
+        help="tokenize only part I of N of the inputs into DIR (files split by byte or row-group range); "
+        "`bigtx data merge` then writes the shards, identical to a build without --part",
+    )
+    b.add_argument("--overwrite", action="store_true", help="replace shards and index (or the part) already in DIR")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_build)
+
+    m = dsub.add_parser(
+        "merge",
+        help="write the shards of a build made in parts (--part I/N)",
+        description="Combine the N part directories of `bigtx data build --part I/N` into shards and DIR/index.json, "
+        "byte-identical to one `bigtx data build` of the same inputs and options. Parts may be given in any order.",
+    )
+    m.add_argument("parts", nargs="+", metavar="PART_DIR", help="the --out directories of every part")
+    m.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    m.add_argument("--overwrite", action="store_true", help="replace shards and index already in DIR")
+    m.set_defaults(func=_merge)
 
     i = dsub.add_parser(
         "inspect",

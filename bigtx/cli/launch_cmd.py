@@ -158,6 +158,83 @@ def _add_slurm(lsub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_slurm)
 
 
+def _slurm_data(args: argparse.Namespace) -> int:
+    from bigtx.launch import slurm_data
+
+    opts = slurm_data.DataJobOptions(
+        inputs=args.input,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        parts=args.parts,
+        parts_dir=args.parts_dir,
+        shard_size=args.shard_size,
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        overwrite=args.overwrite,
+        cpus=args.cpus_per_task,
+        max_running=args.max_running,
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+        sbatch_options=args.sbatch_option,
+        python=args.python,
+        job_name=args.job_name,
+    )
+    try:
+        files = slurm_data.write_data_launch(opts)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(f"parts:  {files.parts_script} (array 1-{opts.parts}; part directories {files.parts_dir}/part-I)")
+    print(f"merge:  {files.merge_script} (writes {files.out})")
+    print(f"logs:   {files.parts_dir / 'logs'}")
+    if not args.submit:
+        submit = (
+            f"jid=$(sbatch --parsable {files.parts_script}) && sbatch --dependency=afterok:$jid {files.merge_script}"
+        )
+        print(f"submit: {submit}")
+        return 0
+    try:
+        array_id, merge_id = slurm_data.submit_data(files)
+    except RuntimeError as exc:
+        print(f"bigtx: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"submitted parts as array job {array_id}, the merge as job {merge_id} (after every part succeeds)")
+    return 0
+
+
+def _add_slurm_data(lsub: argparse._SubParsersAction) -> None:
+    helptext = (
+        "render (and --submit) a `bigtx data build` across nodes: a SLURM job array of --parts tasks, each "
+        "building one --part, and a merge job after them; the result is the single-process build byte for byte"
+    )
+    p = lsub.add_parser(
+        "slurm-data", help="build tokenized shards across nodes with a SLURM job array", description=helptext
+    )
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help="as for `bigtx data build`")
+    p.add_argument("--tokenizer", required=True, metavar="T", help="`byte` or a tokenizer.json")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the merge writes the shards and index.json")
+    p.add_argument("--parts", type=int, required=True, metavar="N", help="array tasks, one part of the inputs each")
+    p.add_argument("--parts-dir", default=None, metavar="DIR", help="part directories and scripts (default OUT.parts)")
+    p.add_argument("--shard-size", default=None, metavar="SIZE", help="as for `bigtx data build`")
+    p.add_argument("--val-fraction", type=float, default=0.01, metavar="F", help="as for `bigtx data build`")
+    p.add_argument("--text-field", default="text", help="as for `bigtx data build` (default: text)")
+    p.add_argument("--overwrite", action="store_true", help="the merge replaces a build already in OUT")
+    p.add_argument(
+        "--cpus-per-task", type=int, default=8, metavar="C", help="CPUs per array task = tokenizer workers (default 8)"
+    )
+    p.add_argument("--max-running", type=int, default=None, metavar="K", help="array tasks running at once")
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--time", metavar="HH:MM:SS", help="time limit per task (SLURM format)")
+    p.add_argument("--account", help="SLURM account to charge")
+    p.add_argument(
+        "--sbatch-option", action="append", default=[], metavar="OPTION", help="extra #SBATCH line (repeatable)"
+    )
+    p.add_argument("--job-name", default="bigtx-data", help="SLURM job name prefix (default bigtx-data)")
+    p.add_argument("--python", default=sys.executable, help=f"interpreter with bigtx on the nodes ({sys.executable})")
+    p.add_argument("--submit", action="store_true", help="submit the array and the merge with sbatch")
+    p.set_defaults(func=_slurm_data)
+
+
 def _add_local(lsub: argparse._SubParsersAction) -> None:
     helptext = "train on this machine with N ranks through DeepSpeed's launcher; exits with the ranks' code"
     p = lsub.add_parser("local", help=helptext, description=helptext)
@@ -171,8 +248,9 @@ def _add_local(lsub: argparse._SubParsersAction) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    launch = sub.add_parser("launch", help="start training on a SLURM cluster or on this machine")
+    launch = sub.add_parser("launch", help="start training (or a data build) on a SLURM cluster or on this machine")
     lsub = launch.add_subparsers(dest="launch_command", metavar="SUBCOMMAND")
     lsub.required = True
     _add_slurm(lsub)
+    _add_slurm_data(lsub)
     _add_local(lsub)

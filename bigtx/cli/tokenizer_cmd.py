@@ -36,13 +36,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     tsub.required = True
     desc = (
         "Train a byte-level BPE with Hugging Face tokenizers and write tokenizer.json (EOS <|endoftext|>, "
-        "PAD <|pad|>). Same input, same file. Inputs: text files (one document each) and .jsonl, optionally .gz. "
+        "PAD <|pad|>). Same input, same file. Inputs: text files (one document each) and .jsonl, optionally .gz or "
+        ".zst, .parquet, Hugging Face datasets directories. "
         "The built-in `byte` tokenizer needs no training."
     )
     t = tsub.add_parser("train", help="train a tokenizer.json from text", description=desc)
     t.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help="files, globs or directories")
     t.add_argument("--vocab-size", type=int, required=True, metavar="N", help="vocabulary size incl. the 2 specials")
     t.add_argument("--out", required=True, metavar="FILE", help="where to write tokenizer.json")
-    t.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
+    t.add_argument(
+        "--text-field",
+        default="text",
+        help="field (column) holding the text in .jsonl, .parquet and .arrow inputs (default: text)",
+    )
     t.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen this often (default: 2)")
     t.set_defaults(func=_train)

@@ -23,7 +23,7 @@ import numpy as np
 import bigtx
 from bigtx.config import sizes
 from bigtx.data.errors import DataError
-from bigtx.data.inputs import ReadStats, expand_inputs, iter_documents
+from bigtx.data.inputs import ReadStats, expand_inputs, is_compressed, iter_documents, kind_of
 from bigtx.data.shards import ShardSetWriter, ids_dtype, npy_bytes, sample_bytes
 from bigtx.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -31,8 +31,8 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "bigtx-shards"
 INDEX_VERSION = 1
 SPLITS = ("train", "val")
-_CHUNK_BYTES = 1 << 20  # text per tokenization task
-_CHUNK_DOCS = 1024
+CHUNK_CHARS = 1 << 20  # text (characters) per tokenization task
+CHUNK_DOCS = 1024
 
 _SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")
 MIN_SHARD_SIZE = 4096
@@ -89,24 +89,25 @@ def auto_shard_size(input_bytes: int, sample_ratio: float, val_fraction: float) 
     """The shard size that cuts the train split into about ``AUTO_SHARDS`` shards, within [4 KiB, 64 MB].
 
     The train split is estimated as ``input_bytes`` (the input files' size, compressed for ``.gz``, so
-    an underestimate there: more, smaller shards) times ``sample_ratio`` (shard bytes per text byte,
+    an underestimate there and for parquet: more, smaller shards) times ``sample_ratio`` (shard bytes per text byte,
     measured on the first chunk of documents) times ``1 - val_fraction``."""
     train_bytes = input_bytes * sample_ratio * (1.0 - val_fraction)
     return min(MAX_AUTO_SHARD_SIZE, max(MIN_SHARD_SIZE, int(train_bytes) // AUTO_SHARDS))
 
 
-def _sample_ratio(ids: list[np.ndarray], sources: list[str], text_bytes: int, dtype: np.dtype) -> float:
-    """Shard bytes per byte of text for one chunk of tokenized documents (EOS included)."""
+def sample_ratio(lengths: Sequence[int], sources: Sequence[str], text_bytes: int, dtype: np.dtype) -> float:
+    """Shard bytes per byte of text for one chunk of tokenized documents of ``lengths`` tokens (EOS included)."""
     header = len(npy_bytes(np.zeros(0, dtype)))  # the same 128 bytes for any length a document has
     itemsize = np.dtype(dtype).itemsize
-    shard = sum(
-        sample_bytes(header + (len(doc) + 1) * itemsize, len(src.encode("utf-8"))) for doc, src in zip(ids, sources)
-    )
+    shard = sum(sample_bytes(header + n * itemsize, len(src.encode("utf-8"))) for n, src in zip(lengths, sources))
     return shard / max(1, text_bytes)
 
 
 def chunk_documents(docs):
-    """Group ``(source, text)`` pairs into tokenization tasks of about 1 MB of text (at most 1024 documents)."""
+    """Group ``(source, text)`` pairs into tokenization tasks of about 1 MB of text (at most 1024 documents).
+
+    A chunk ends at the first document that brings it to ``CHUNK_CHARS`` characters or ``CHUNK_DOCS``
+    documents (``bigtx.data.parts`` finds the first chunk of a merged build by the same rule)."""
     chunk_src: list[str] = []
     chunk_txt: list[str] = []
     size = 0
@@ -114,7 +115,7 @@ def chunk_documents(docs):
         chunk_src.append(source)
         chunk_txt.append(text)
         size += len(text)
-        if size >= _CHUNK_BYTES or len(chunk_txt) >= _CHUNK_DOCS:
+        if size >= CHUNK_CHARS or len(chunk_txt) >= CHUNK_DOCS:
             yield chunk_src, chunk_txt
             chunk_src, chunk_txt, size = [], [], 0
     if chunk_txt:
@@ -279,7 +280,8 @@ def build_shards(
     writers: dict[str, ShardSetWriter] = {}
     stats = ReadStats()
     input_bytes = sum(os.path.getsize(f) for f in files)
-    total = None if any(f.endswith(".gz") for f in files) else input_bytes
+    # compressed inputs have more text than file bytes: no total (and so no misleading percentage) for them
+    total = None if any(is_compressed(f) or kind_of(f) == "parquet" for f in files) else input_bytes
     auto = shard_size is None
     start = time.perf_counter()
     eos = np.array([tok.eos_id], dtype=dtype)
@@ -290,7 +292,8 @@ def build_shards(
         for sources, ids, splits, nbytes in _encoded(chunks, tokenizer, val_fraction, workers):
             if not writers:  # opened at the first chunk, which an automatic shard size is measured on
                 if shard_size is None:
-                    shard_size = auto_shard_size(input_bytes, _sample_ratio(ids, sources, nbytes, dtype), val_fraction)
+                    ratio = sample_ratio([len(d) + 1 for d in ids], sources, nbytes, dtype)
+                    shard_size = auto_shard_size(input_bytes, ratio, val_fraction)
                 writers = {name: ShardSetWriter(out_dir, name, shard_size, dtype) for name in SPLITS}
             for source, doc, split in zip(sources, ids, splits):
                 writers[split].write(f"{ordinal:010d}", np.concatenate([doc.astype(dtype, copy=False), eos]), source)
@@ -303,7 +306,7 @@ def build_shards(
     if ordinal == 0:
         raise DataError(
             f"--input: no documents in {len(files)} file(s) "
-            f"({stats.empty_docs} empty documents and {stats.bad_lines} bad jsonl lines skipped)"
+            f"({stats.empty_docs} empty documents and {stats.bad_lines} bad records skipped)"
         )
     shards = {name: w.close() for name, w in writers.items()}
     options = {
@@ -338,7 +341,7 @@ def summary(index: dict) -> str:
     if s["non_utf8_docs"]:
         skipped.append(f"{s['non_utf8_docs']} documents with non-UTF-8 bytes (replaced)")
     if s["bad_lines_skipped"]:
-        skipped.append(f"{s['bad_lines_skipped']} bad jsonl lines skipped")
+        skipped.append(f"{s['bad_lines_skipped']} bad records (jsonl lines, null parquet/arrow values) skipped")
     if skipped:
         lines.append("; ".join(skipped))
     if not va["shards"] and options.get("val_fraction", 0) > 0:

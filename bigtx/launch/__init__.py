@@ -1,6 +1,7 @@
 """Launchers: a SLURM batch script (`bigtx launch slurm`) and DeepSpeed's local launcher (`bigtx launch local`).
 
-Both start ``bigtx train`` on every rank; neither imports the trainer.
+Both start ``bigtx train`` on every rank; neither imports the trainer. `bigtx launch slurm-data`
+(``slurm_data``) runs a data build across nodes as a SLURM job array.
 """
 
 from bigtx.launch.local import local_command

@@ -127,7 +127,7 @@ def bigtx_script(python: str) -> Path:
     return Path(python).parent / "bigtx"
 
 
-def _sbatch_lines(opts: SlurmOptions) -> list[str]:
+def sbatch_lines(opts: SlurmOptions) -> list[str]:
     lines = []
     if opts.gres:
         lines.append(f"--gres=gpu:{opts.gpus_per_node}")
@@ -181,7 +181,7 @@ def render_script(
         "job_name": job_name,
         "nodes": str(opts.nodes),
         "tasks_per_node": str(opts.gpus_per_node),
-        "sbatch_options": "\n".join(_sbatch_lines(opts)),
+        "sbatch_options": "\n".join(sbatch_lines(opts)),
         "workdir": str(workdir),
         "run_dir": str(run_dir),
         "grace": str(opts.grace),

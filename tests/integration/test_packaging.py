@@ -123,7 +123,7 @@ def test_wheel_ships_its_files_and_runs_from_anywhere(sources: Path, tmp_path: P
     expected = {p.relative_to(REPO).as_posix() for p in (REPO / "bigtx").rglob("*.py")}
     expected |= {f"bigtx/presets/{p.name}" for p in (REPO / "bigtx" / "presets").glob("*.yaml")}
     expected |= {f"bigtx/ds_configs/{p.name}" for p in (REPO / "ds_configs").glob("*.json")}
-    expected |= {"bigtx/launchers/slurm/bigtx.sbatch.tmpl"}
+    expected |= {f"bigtx/launchers/slurm/{p.name}" for p in (REPO / "launchers" / "slurm").glob("*.tmpl")}
     assert shipped == expected, f"missing {sorted(expected - shipped)}, unexpected {sorted(shipped - expected)}"
 
     venv = tmp_path / "venv"
