@@ -4,12 +4,16 @@
 shapes) and refuses one that cannot teach this student: another vocabulary, another tokenizer or a
 shorter context. It runs before any process group starts. ``bigtx.export.open_model(source, dtype,
 device)`` then reads the weights into a ``Transformer`` in the student's dtype, in eval mode, with no
-parameter requiring gradients (and no optimizer); ``teacher_logits`` runs its forward.
+parameter requiring gradients (and no optimizer); ``teacher_logits`` runs its forward, and a
+``TeacherClock`` times it for the metrics.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,3 +98,34 @@ def teacher_logits(teacher: Transformer, input_ids: Tensor) -> Tensor:
     which autograd refuses for inference tensors.
     """
     return teacher(input_ids)
+
+
+class TeacherClock:
+    """Seconds spent in the teacher's forward passes of one step.
+
+    On a GPU the host clock would time only the kernel launches, so each pass is bracketed by CUDA
+    events instead; ``seconds`` reads them, which waits for the last one: call it after the step's
+    sync point and it costs nothing. Elsewhere the host clock times the pass itself.
+    """
+
+    def __init__(self) -> None:
+        self._host = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def timing(self, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._host += time.perf_counter() - t0
+
+    def seconds(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()
+        return self._host + sum(start.elapsed_time(end) for start, end in self._events) / 1e3

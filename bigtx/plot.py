@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# (title, key, log scale) of the four panels; validation loss joins the loss panel
+# (title, key, log scale) of the four panels; validation loss and distillation's CE and KD join the loss panel
 PANELS = [("loss", "loss", True), ("learning rate", "lr", False), ("tokens/s", "tokens_per_s", False),
           ("grad norm", "grad_norm", True)]
 
@@ -18,7 +18,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_runs(run_dirs: list[Path], out: Path, x_axis: str = "step") -> Path:
-    """Render loss (train and val), lr, tokens/s and grad norm against ``x_axis`` (step or tokens)."""
+    """Render loss (train, val, and with distillation its CE and KD parts), lr, tokens/s and grad norm
+    against ``x_axis`` (step or tokens)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,6 +36,12 @@ def plot_runs(run_dirs: list[Path], out: Path, x_axis: str = "step") -> Path:
             points = [(r[x_axis], r[key]) for r in train if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), label=f"{label} train" if key == "loss" else label)
+            if key == "loss":
+                # distillation's two parts of the training loss
+                for part in ("ce_loss", "kd_loss"):
+                    points = [(r[x_axis], r[part]) for r in train if r.get(part) is not None]
+                    if points:
+                        ax.plot(*zip(*points), ":", label=f"{label} {part}")
             if key == "loss" and val:
                 xs = [r["step"] if x_axis == "step" else tokens_at.get(r["step"], 0) for r in val]
                 ax.plot(xs, [r["val_loss"] for r in val], "o--", label=f"{label} val")

@@ -42,7 +42,7 @@ from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.layout import check_layout
 from bigtx.data import DataError, build_loader, check_data
-from bigtx.distill import open_teacher, teacher_logits
+from bigtx.distill import TeacherClock, open_teacher, teacher_logits
 from bigtx.distributed import EXIT_ERROR, EXIT_FINISHED, EXIT_REQUEUE, EXIT_USAGE, DistEnv
 from bigtx.export import open_model
 from bigtx.export.types import DTYPES
@@ -374,88 +374,116 @@ def open_metrics(job: Job, progress: Progress) -> MetricsLogger:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # this rank's mean loss over the step's micro-batches: float64, on the device
+    # this rank's means over the step's micro-batches of [loss], or with distill [loss, ce, kd, teacher_ce]:
+    # float64, on the device
+    losses: torch.Tensor
     data_wait: float  # seconds spent waiting for batches
     backward: float  # seconds in the backward passes, where the gradients are reduced: ranks wait for the slowest
+    teacher: TeacherClock  # the teacher's forward passes (none without distill)
 
 
 def train_step(job: Job, batches: Iterator, lr: float, beat: Heartbeat) -> StepResult:
     """One optimizer step: ``accum`` micro-batches, DeepSpeed accumulates, clips and steps.
 
-    The loss stays on the device (no CPU-GPU sync per micro-batch); it is summed in float64 so the
-    value equals the sum of the micro-batch losses as Python floats. ``beat`` is told each phase.
+    The losses stay on the device (no CPU-GPU sync per micro-batch); they are summed in float64 so
+    each value equals the sum of the micro-batch values as Python floats. ``beat`` is told each phase.
     """
     engine = job.engine
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = torch.zeros((), dtype=torch.float64, device=job.device)
+    sums = torch.zeros(1 if job.teacher is None else 4, dtype=torch.float64, device=job.device)
     data_wait = backward = 0.0
+    clock = TeacherClock()
     for _ in range(job.accum):
         t_data = beat.mark("data")
         x, y = next(batches)
         t_forward = beat.mark("forward")
-        loss = micro_batch_loss(job, x.to(job.device), y.to(job.device))
+        loss, values = micro_batch_loss(job, x.to(job.device), y.to(job.device), clock)
         t_backward = beat.mark("backward")
         engine.backward(loss)
         t_optimizer = beat.mark("optimizer")
         engine.step()
-        loss_sum += loss.detach().double()
+        sums += values.double()
         data_wait += t_forward - t_data
         backward += t_optimizer - t_backward
-    return StepResult(loss_sum / job.accum, data_wait, backward)
+    return StepResult(sums / job.accum, data_wait, backward, clock)
 
 
-def micro_batch_loss(job: Job, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The student's cross-entropy, or with ``distill`` the fused (1 - alpha) * CE + alpha * KD."""
+def micro_batch_loss(
+    job: Job, x: torch.Tensor, y: torch.Tensor, clock: TeacherClock
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to differentiate: the student's cross-entropy, or with ``distill`` the fused
+    (1 - alpha) * CE + alpha * KD (the teacher's forward timed by ``clock``); and the values to log,
+    detached: [loss], or [loss, ce, kd, teacher_ce]."""
     if job.teacher is None:
-        return job.engine(x, y)
+        loss = job.engine(x, y)
+        return loss, loss.detach().view(1)
     d = job.spec.distill
     assert d is not None
-    logits, teacher = job.engine(x).flatten(0, 1), teacher_logits(job.teacher, x).flatten(0, 1)
+    logits = job.engine(x).flatten(0, 1)
+    with clock.timing(job.device):
+        teacher = teacher_logits(job.teacher, x).flatten(0, 1)
     # nothing else holds the student's logits: their storage takes the gradient (as in Transformer.forward)
     losses = distill_loss(
         logits, teacher, y.flatten(), alpha=d.alpha, temperature=d.temperature, kind=d.kind, top_k=d.top_k,
         overwrite_logits=True,
     )  # fmt: skip
-    return losses.total
+    return losses.total, torch.stack(losses).detach()
 
 
 @dataclass
 class LogWindow:
     """Sums over the steps since the last metrics line, which reports their means.
 
-    Only the loss part is saved with a checkpoint: times measured by a process that has since died
-    are not carried over (``timed`` counts the steps this process measured).
+    Only the loss parts are saved with a checkpoint: times measured by a process that has since died
+    are not carried over (``timed`` counts the steps this process measured). ``distill_steps`` counts
+    the steps in ``distill``: a checkpoint from before bigtx logged them has none.
     """
 
     loss: float = 0.0
     steps: int = 0
+    distill: list[float] | None = None  # with distill: sums of [ce, kd, teacher_ce]
+    distill_steps: int = 0
     timed: int = 0
     time: float = 0.0
     data: float = 0.0
     backward: float = 0.0
+    teacher: float = 0.0
     tokens: int = 0
 
-    def add(self, loss: float, step_time: float, result: StepResult, tokens: int) -> None:
-        self.loss += loss
+    def add(self, losses: list[float], step_time: float, result: StepResult, tokens: int) -> None:
+        """Add a step: ``losses`` as ``reduce_step`` returns them, its time, ``train_step``'s result."""
+        self.loss += losses[0]
         self.steps += 1
+        if len(losses) > 1:
+            self.distill = [total + value for total, value in zip(self.distill or [0.0] * 3, losses[1:])]
+            self.distill_steps += 1
         self.timed += 1
         self.time += step_time
         self.data += result.data_wait
         self.backward += result.backward
+        self.teacher += result.teacher.seconds()
         self.tokens += tokens
 
     def saved(self) -> dict[str, Any]:
-        return {"loss": self.loss, "steps": self.steps}
+        distill = {"distill": self.distill, "distill_steps": self.distill_steps} if self.distill is not None else {}
+        return {"loss": self.loss, "steps": self.steps} | distill
 
     @classmethod
     def restored(cls, saved: dict[str, Any]) -> LogWindow:
-        return cls(loss=float(saved.get("loss", 0.0)), steps=int(saved.get("steps", 0)))
+        distill = saved.get("distill")
+        return cls(
+            loss=float(saved.get("loss", 0.0)),
+            steps=int(saved.get("steps", 0)),
+            distill=[float(v) for v in distill] if distill is not None else None,
+            distill_steps=int(saved.get("distill_steps", 0)),
+        )
 
 
 def metrics_record(job: Job, progress: Progress, window: LogWindow, loss_step: float, lr: float) -> dict[str, Any]:
     """One line of metrics.jsonl: ``loss`` is the mean over the steps since the previous line (as
-    every peer logs it), ``loss_step`` this step's; times and throughput are window means too."""
+    every peer logs it), ``loss_step`` this step's; times and throughput are window means too. With
+    distill, ``ce_loss``, ``kd_loss`` and ``teacher_ce`` are window means like ``loss``."""
     engine, spec = job.engine, job.spec
     tokens_per_s = window.tokens / window.time
     tflops = spec.model.flops_per_token(spec.data.seq_len) * tokens_per_s / job.env.world_size / 1e12
@@ -479,6 +507,11 @@ def metrics_record(job: Job, progress: Progress, window: LogWindow, loss_step: f
         "skipped_steps": engine.skipped_steps,
         "bad_shards": stats["bad_shards"],
     }
+    if window.distill is not None:
+        ce, kd, teacher_ce = (total / window.distill_steps for total in window.distill)
+        record |= {"ce_loss": ce, "kd_loss": kd, "teacher_ce": teacher_ce}
+        # this rank's, as step_time_s is
+        record |= {"teacher_time_s": window.teacher / window.timed, "teacher_share": window.teacher / window.time}
     if len(stats["source_tokens"]) > 1:
         # the mixture as realised by this rank's readers (token shares per source, in data.train's
         # order), next to the weights asked for: with data.on_error=skip, lost shards show here
@@ -569,13 +602,14 @@ class SaveClock:
 
 def reduce_step(
     job: Job, result: StepResult, stop: distributed.StopRequest, saved: SaveClock
-) -> tuple[float, bool, bool]:
-    """The step's one collective: (global mean loss, whether any rank must stop, whether any rank's
-    save clock ran out). Every rank gets the same answer, so all stop or save at the same step."""
+) -> tuple[list[float], bool, bool]:
+    """The step's one collective: (global means of ``result.losses``, whether any rank must stop,
+    whether any rank's save clock ran out). Every rank gets the same answer, so all stop or save at
+    the same step."""
     flags = [float(stop.requested), float(saved.minutes_due(job.spec.checkpoint.every_minutes))]
-    votes = torch.cat([result.loss.view(1), torch.tensor(flags, dtype=torch.float64).to(job.device)])
-    loss_sum, stop_votes, time_votes = all_reduce_sum(votes)
-    return loss_sum / job.env.world_size, stop_votes > 0, time_votes > 0
+    votes = torch.cat([result.losses, torch.tensor(flags, dtype=torch.float64).to(job.device)])
+    *sums, stop_votes, time_votes = all_reduce_sum(votes)
+    return [total / job.env.world_size for total in sums], stop_votes > 0, time_votes > 0
 
 
 def fit(
@@ -599,11 +633,12 @@ def fit(
         progress.step += 1
         progress.tokens += job.tokens_per_step
         beat.mark("sync")
-        loss, stopping, save_due = reduce_step(job, result, stop, saved)
+        losses, stopping, save_due = reduce_step(job, result, stop, saved)
+        loss = losses[0]
         if not math.isfinite(loss):
             log.error("step %d: loss is %s; stopping (lower optim.lr or use bf16)", progress.step, loss)
             return EXIT_ERROR
-        window.add(loss, time.perf_counter() - t_step, result, job.tokens_per_step)
+        window.add(losses, time.perf_counter() - t_step, result, job.tokens_per_step)
         if due(progress.step, spec.train.log_every) or progress.step == total:
             metrics.log(metrics_record(job, progress, window, loss, lr))
             window = LogWindow()

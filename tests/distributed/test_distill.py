@@ -3,7 +3,8 @@
 The teacher is the student's own initial weights: at step 1 both give the same distribution, so the
 KD term is exactly 0 and the first loss is (1 - alpha) times the golden run's cross-entropy (the
 golden run has the same spec, data and seed). A teacher fed other tokens than the student, a KD
-term computed on other rows, or alpha applied wrongly all move it.
+term computed on other rows, or alpha applied wrongly all move it. The logged parts (``ce_loss``,
+``kd_loss``, ``teacher_ce``) then are the golden CE, 0, and the golden CE again.
 """
 
 from __future__ import annotations
@@ -13,27 +14,34 @@ import math
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bigtx.config import load_spec
 from bigtx.export import WeightSource, export_safetensors
 from bigtx.export.types import expected_shapes
 from bigtx.model import Transformer
 from tests.distributed.test_golden_loss import GOLDEN, OVERRIDES, RELATIVE
-from tests.harness import tiny_overrides, train, train_records
+from tests.harness import kill_after, start, tiny_overrides, train, train_records
 
 pytestmark = pytest.mark.slow
 
 
-def train_with_the_initial_student_as_teacher(work: Path, shards: Path, *overrides: str) -> dict[int, dict]:
-    """Per-step metrics of a 2-step run whose teacher is an export of the student's initial weights."""
+def export_initial_student(work: Path, *overrides: str) -> Path:
+    """An export of the initial weights of the student the `tiny` spec with ``overrides`` trains."""
     spec = load_spec("tiny", [o for o in overrides if not o.startswith("distill.")])  # no teacher yet
     student = Transformer(spec.model)
     student.init_weights(spec.run.seed)  # as bigtx.train.build_model does
     state = student.state_dict()
     source = WeightSource(work, spec, "initial student", expected_shapes(spec.model), lambda key: state[key])
     export_safetensors(source, work / "teacher")
+    return work / "teacher"
+
+
+def train_with_the_initial_student_as_teacher(work: Path, shards: Path, *overrides: str) -> dict[int, dict]:
+    """Per-step metrics of a 2-step run whose teacher is an export of the student's initial weights."""
+    teacher = export_initial_student(work, *overrides)
     run_dir = work / "run"
-    extra = [*overrides, "train.max_steps=2", "schedule.warmup_steps=1", f"distill.teacher={work / 'teacher'}"]
+    extra = [*overrides, "train.max_steps=2", "schedule.warmup_steps=1", f"distill.teacher={teacher}"]
     train("tiny", tiny_overrides(run_dir, shards, *extra), 2, work / "logs", env={"OMP_NUM_THREADS": "1"})
     records = train_records(run_dir)
     assert sorted(records) == [1, 2] and all(math.isfinite(r["loss_step"]) for r in records.values())
@@ -49,6 +57,19 @@ def test_fp32_first_loss_is_the_golden_cross_entropy_times_one_minus_alpha(tmp_p
     # after one update the student has moved away from its teacher: KD is no longer 0
     assert records[2]["loss_step"] != pytest.approx((1 - alpha) * golden["2"], rel=1e-4)
 
+    # the logged parts: at step 1 the teacher computes what the student does
+    first, second = records[1], records[2]
+    assert first["kd_loss"] == 0.0 and first["teacher_ce"] == first["ce_loss"]
+    assert first["ce_loss"] == pytest.approx(golden["1"], rel=RELATIVE, abs=0)
+    # one update lowers the student's CE below its frozen initial self's
+    assert second["kd_loss"] > 0 and second["ce_loss"] < second["teacher_ce"]
+    for r in records.values():
+        assert r["loss"] == pytest.approx((1 - alpha) * r["ce_loss"] + alpha * r["kd_loss"], rel=1e-6, abs=0)
+        assert r["teacher_time_s"] > 0 and 0 < r["teacher_share"] < 1
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/kd_loss")] == pytest.approx([r["kd_loss"] for r in records.values()])
+
 
 def test_bf16_zero3_teacher_runs_in_the_students_precision(tmp_path: Path, byte_shards: Path) -> None:
     # KD only (alpha 1) over the teacher's top 8 tokens: 0 at step 1 exactly when the replicated bf16
@@ -58,3 +79,24 @@ def test_bf16_zero3_teacher_runs_in_the_students_precision(tmp_path: Path, byte_
         tmp_path, byte_shards, "precision=bf16", "zero.stage=3", "train.log_every=1", *distill
     )
     assert records[1]["loss_step"] == 0.0
+
+
+def test_the_logged_parts_are_window_means_also_across_a_resume(tmp_path: Path, byte_shards: Path) -> None:
+    """As ``loss`` (tests/distributed/test_train.py): a run logging every 3 steps, killed after its
+    checkpoint at step 2 (or 4) and resumed, logs exactly the window means of an every-step run."""
+    common = ["precision=fp32", "train.max_steps=6", "schedule.warmup_steps=1", "checkpoint.every_steps=2",
+              "train.eval_every=0", "distill.alpha=0.5"]  # fmt: skip
+    common.append(f"distill.teacher={export_initial_student(tmp_path, *common)}")
+    every = tmp_path / "every"
+    train("tiny", tiny_overrides(every, byte_shards, "train.log_every=1", *common), 2, tmp_path / "logs")
+    steps = train_records(every)
+    sparse = tmp_path / "sparse"
+    overrides = tiny_overrides(sparse, byte_shards, "train.log_every=3", *common)
+    kill_after(start("tiny", overrides, 2, tmp_path / "logs"), sparse / "checkpoints/step_00000002/COMPLETE.json")
+    train("tiny", overrides, 2, tmp_path / "logs")
+    assert "resumed from" in (sparse / "train.log").read_text()
+    logged = train_records(sparse)
+    assert sorted(logged) == [3, 6]
+    for end in (3, 6):
+        for key in ("loss", "ce_loss", "kd_loss", "teacher_ce"):
+            assert logged[end][key] == sum(steps[s][key] for s in range(end - 2, end + 1)) / 3, (end, key)

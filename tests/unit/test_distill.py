@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from bigtx import train
 from bigtx.config import SpecError, load_spec, spec_to_dict, validate_spec
 from bigtx.config.spec import ModelSection
 from bigtx.data.tokenizer import train_tokenizer
-from bigtx.distill import open_teacher, teacher_logits
+from bigtx.distill import TeacherClock, open_teacher, teacher_logits
 from bigtx.distributed import DistEnv
 from bigtx.export import WeightSource, export_safetensors, open_model
 from bigtx.export.types import expected_shapes
@@ -184,3 +185,31 @@ def test_train_preflight_checks_the_teacher_before_any_process_group(tmp_path: P
     teacher = export_teacher(reference(TEACHER), tmp_path)
     with pytest.raises(SpecError, match="distill.source: cached teacher logits are not read yet; use online"):
         train.preflight(load_spec("tiny", [f"distill.teacher={teacher}", f"distill.source={tmp_path}"]), env)
+
+
+def test_the_metrics_window_saves_the_distill_sums_and_resumes_an_older_checkpoint() -> None:
+    result = train.StepResult(torch.zeros(4), 0.0, 0.0, TeacherClock())
+    window = train.LogWindow()
+    for losses in ([1.25, 1.5, 0.5, 2.0], [0.75, 1.0, 0.25, 1.75]):
+        window.add(losses, 0.1, result, 8)
+    # as a checkpoint's meta.json carries it
+    resumed = train.LogWindow.restored(json.loads(json.dumps(window.saved())))
+    assert (resumed.loss, resumed.steps, resumed.distill, resumed.distill_steps) == (2.0, 2, [2.5, 0.75, 3.75], 2)
+    # a checkpoint from before the parts were logged: they average the steps after the resume
+    older = train.LogWindow.restored({"loss": 2.0, "steps": 2})
+    assert older.distill is None
+    older.add([0.5, 0.25, 1.0, 3.0], 0.1, result, 8)
+    assert (older.loss, older.steps, older.distill, older.distill_steps) == (2.5, 3, [0.25, 1.0, 3.0], 1)
+    # a plain run's window saves what it always did
+    plain = train.LogWindow()
+    plain.add([1.5], 0.1, result, 8)
+    assert plain.saved() == {"loss": 1.5, "steps": 1}
+
+
+def test_teacher_clock_adds_up_the_timed_passes() -> None:
+    clock = TeacherClock()
+    assert clock.seconds() == 0.0
+    for _ in range(2):
+        with clock.timing(torch.device("cpu")):
+            time.sleep(0.02)
+    assert 0.04 <= clock.seconds() < 0.5

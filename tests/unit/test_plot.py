@@ -21,6 +21,10 @@ def fake_run(path: Path, scale: float) -> Path:
 
 def test_plot_overlays_runs(tmp_path: Path) -> None:
     a, b = fake_run(tmp_path / "a", 1.0), fake_run(tmp_path / "b", 2.0)
+    # a distillation run's lines carry the loss's two parts; KD starts at 0 on the log-scale panel
+    records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    distill = [r | {"ce_loss": r["loss"], "kd_loss": r["step"] - 1.0} if "loss" in r else r for r in records]
+    (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in distill))
     out = tmp_path / "curves.png"
     assert main(["plot", str(a), str(b), "--out", str(out), "--x", "tokens"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
