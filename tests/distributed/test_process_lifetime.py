@@ -70,7 +70,10 @@ def test_loader_workers_end_with_the_run_and_free_the_port(tmp_path: Path, byte_
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(run_dir, byte_shards, "train.max_steps=6", "train.eval_every=2", "data.num_workers=2")
     run = start("tiny", overrides, 1, tmp_path / "logs")
-    port = int(psutil.Process(run.procs[0].pid).environ()["MASTER_PORT"])
+    rank = psutil.Process(run.procs[0].pid)
+    # between fork and exec the child still shows this process's environment, without MASTER_PORT
+    wait_until(lambda: "MASTER_PORT" in rank.environ(), 30, "the rank's environment after exec")
+    port = int(rank.environ()["MASTER_PORT"])
     assert run.wait(300) == [0], run.output()
     wait_until(lambda: not stray_processes(t_start), 10, f"no process left: {stray_processes(t_start)}")
     assert port_is_free(port)
