@@ -9,10 +9,11 @@ the dotted field they are about, so the CLI prints ``model.n_heads: ...``.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from bigtx.config.model_presets import MODEL_PRESETS
 
@@ -140,12 +141,35 @@ class DataSource(Section):
     weight: float = Field(1.0, gt=0, description="Relative share of tokens drawn from this source.")
 
 
+# A val source's name becomes a metric key (val_loss/<name>), a TensorBoard tag and a plot label.
+VAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class ValSource(DataSource):
+    name: str | None = Field(
+        None, description="Evaluate this source on its own and log it as val_loss/<name> (all entries or none)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str | None) -> str | None:
+        if name is not None and not VAL_NAME.fullmatch(name):
+            # the name goes last: the CLI reads a leading "word: " as the field a message is about
+            raise ValueError(
+                "cannot be a metric key (val_loss/<name>): use 1-64 letters, digits, '_', '-' or '.', "
+                f"starting with a letter or digit; got {name!r}"
+            )
+        return name
+
+
 class DataSection(Section):
     train: str | list[DataSource] | None = Field(
         None, description="Training data: a built directory, shard pattern/URL, or a weighted list of sources."
     )
-    val: str | list[DataSource] | None = Field(
-        None, description="Validation data; a built directory means its val split. Default: the train directory's."
+    val: str | list[ValSource] | None = Field(
+        None,
+        description="Validation data (a built directory means its val split; default: the train directory's): "
+        "a path, a weighted list mixed into one val_loss, or a list of named sources, one val_loss/<name> each.",
     )
     tokenizer: str = Field("byte", description="`byte` (built-in) or a tokenizer.json from `bigtx tokenizer train`.")
     seq_len: int = Field(128, gt=0, description="Tokens per training sequence; <= model.max_seq_len.")
@@ -158,6 +182,37 @@ class DataSection(Section):
         False,
         description="On resume with another world size or worker count, restart the epoch's order (else refuse).",
     )
+
+    @model_validator(mode="after")
+    def _check_val_names(self) -> DataSection:
+        if not isinstance(self.val, list):
+            return self
+        named = [s.name is not None for s in self.val]
+        if any(named) and not all(named):
+            i = named.index(False)
+            raise ValueError(
+                f"data.val[{i}].name: missing; name every entry of data.val (each is evaluated on its own) "
+                "or none (the entries are mixed into one val_loss)"
+            )
+        seen: set[str] = set()
+        for i, s in enumerate(self.val):
+            if s.name is not None and "weight" in s.model_fields_set:
+                raise ValueError(
+                    f"data.val[{i}].weight: a named val source is evaluated on its own, so a weight means nothing; "
+                    "drop it (weights mix the entries of a list without names)"
+                )
+            if s.name in seen:
+                raise ValueError(
+                    f"data.val[{i}].name: {s.name!r} is used twice; names must be unique (each is a metric key)"
+                )
+            if s.name is not None:
+                seen.add(s.name)
+        return self
+
+    @property
+    def val_names(self) -> list[str]:
+        """The names of data.val's named sources, in order; empty when data.val is not such a list."""
+        return [s.name for s in self.val if s.name is not None] if isinstance(self.val, list) else []
 
 
 class TrainSection(Section):

@@ -74,7 +74,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bigtx import lifetime
 from bigtx.data.errors import DataError
 from bigtx.data.packing import Packer, to_batch
-from bigtx.data.sources import Source, check_readers, check_sources, check_tokenizer, readers_per_rank, split_sources
+from bigtx.data.sources import (
+    Source,
+    check_readers,
+    check_sources,
+    check_tokenizer,
+    readers_per_rank,
+    split_sources,
+    val_sets,
+)
 from bigtx.data.stream import Counters, DocPolicy, SlotStream, fresh_source_state, shard_plan
 
 log = logging.getLogger("bigtx.data")
@@ -412,14 +420,55 @@ def build_loader(
 ) -> TokenLoader:
     """A loader over ``spec_data`` (a ``DataSection``) for ``split``; every check runs here, before any batch.
 
+    With named ``data.val`` sources, ``split="val"`` mixes them all; ``build_val_loaders`` keeps them apart.
     Raises ``DataError`` (a ``ValueError``) whose message names the spec field at fault.
     """
+    _check_sizes(seq_len, micro_batch_size, rank, world_size)
+    tok = check_tokenizer(spec_data.tokenizer, vocab_size)
+    sources = split_sources(spec_data, split)
+    return _loader(spec_data, split, sources, tok, seq_len, micro_batch_size, rank, world_size, seed, vocab_size)
+
+
+def build_val_loaders(
+    spec_data,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    vocab_size: int,
+) -> dict[str | None, TokenLoader]:
+    """One val loader per named ``data.val`` source (key: its name), else one loader (key None) that is
+    ``build_loader(spec_data, "val", ...)``. A named source's loader reads exactly what the val loader of
+    a spec with ``data.val`` = that source's path reads. Raises ``DataError`` like ``build_loader``."""
+    _check_sizes(seq_len, micro_batch_size, rank, world_size)
+    tok = check_tokenizer(spec_data.tokenizer, vocab_size)
+    return {
+        name: _loader(spec_data, "val", sources, tok, seq_len, micro_batch_size, rank, world_size, seed, vocab_size)
+        for name, sources in val_sets(spec_data).items()
+    }
+
+
+def _check_sizes(seq_len: int, micro_batch_size: int, rank: int, world_size: int) -> None:
     if seq_len <= 0 or micro_batch_size <= 0:
         raise DataError(f"data.seq_len: seq_len={seq_len} and micro_batch_size={micro_batch_size} must be positive")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    tok = check_tokenizer(spec_data.tokenizer, vocab_size)
-    sources = split_sources(spec_data, split)
+
+
+def _loader(
+    spec_data,
+    split: str,
+    sources: list[Source],
+    tok,
+    seq_len: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    vocab_size: int,
+) -> TokenLoader:
     check_sources(sources, tok, spec_data.tokenizer, vocab_size)
     cfg = LoaderConfig(
         sources=sources,

@@ -284,6 +284,22 @@ def split_sources(spec_data, split: str) -> list[Source]:
     return sources
 
 
+def val_sets(spec_data) -> dict[str | None, list[Source]]:
+    """The validation sets of a ``DataSection``: one per named source of ``data.val`` (key: its name),
+    otherwise one (key None) holding ``split_sources(spec_data, "val")``. Raises ``DataError``; a named
+    source without val shards is an error, since its metric would silently be missing."""
+    if not spec_data.val_names:
+        return {None: split_sources(spec_data, "val")}
+    sets: dict[str | None, list[Source]] = {}
+    for i, entry in enumerate(spec_data.val):
+        label = f"data.val[{i}].path"
+        source = resolve_source(entry.path, "val", label)
+        if not source.shards:
+            raise DataError(f"{label}: {entry.path} has no val shards (build with --val-fraction > 0)")
+        sets[entry.name] = [source]
+    return sets
+
+
 def check_sources(sources: list[Source], tok: Tokenizer, tokenizer_spec: str, vocab_size: int) -> None:
     """Tokenizer hash and vocabulary checks against each source's index."""
     for src in sources:
@@ -355,4 +371,5 @@ def check_data(spec_data, vocab_size: int, world_size: int = 1) -> None:
     check_sources(train, tok, spec_data.tokenizer, vocab_size)
     check_readers(train, world_size, spec_data.num_workers)
     if spec_data.val is not None:
-        check_sources(split_sources(spec_data, "val"), tok, spec_data.tokenizer, vocab_size)
+        for sources in val_sets(spec_data).values():
+            check_sources(sources, tok, spec_data.tokenizer, vocab_size)

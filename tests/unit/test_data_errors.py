@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 
 from bigtx.config.spec import DataSection
-from bigtx.data import DataError, build_loader, check_data
+from bigtx.data import DataError, build_loader, build_val_loaders, check_data
 from bigtx.data.build import build_shards
 from bigtx.data.tokenizer import train_tokenizer
 
@@ -210,6 +210,23 @@ def test_spec_errors_name_the_field(built, section, field, match):
     assert str(err.value).startswith(field + ": ")
     with pytest.raises(DataError, match=match):
         build_loader(spec, "val" if field == "data.val" else "train", seq_len=8, micro_batch_size=1, vocab_size=512)
+
+
+@pytest.mark.parametrize("bad, match", [("/nonexistent", "no such file or directory"), ("NOVAL", "has no val shards")])
+def test_named_val_source_errors_name_the_entry(built, tmp_path, bad, match):
+    if bad == "NOVAL":  # a built directory without a val split: its name's metric would silently be missing
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "a.txt").write_text("only training text " * 20)
+        bad = str(tmp_path / "noval")
+        build_shards([str(tmp_path / "in")], "byte", bad, shard_size=4096, val_fraction=0.0, progress=False)
+    spec = DataSection(train=str(built), val=[{"name": "web", "path": str(built)}, {"name": "code", "path": bad}])
+    for call in (
+        lambda: check_data(spec, 512),
+        lambda: build_val_loaders(spec, seq_len=8, micro_batch_size=1, vocab_size=512),
+    ):
+        with pytest.raises(DataError, match=match) as err:
+            call()
+        assert str(err.value).startswith("data.val[1].path: ")
 
 
 def test_vocabulary_larger_than_the_model(built):

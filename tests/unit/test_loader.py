@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 
 from bigtx.config.spec import DataSection, DataSource
-from bigtx.data import DataError, build_loader
+from bigtx.data import DataError, build_loader, build_val_loaders
 from bigtx.data.build import build_shards
 from bigtx.data.shards import ShardSetWriter
 
@@ -235,6 +235,26 @@ def test_val_sources(corpus, tmp_path):
     pattern = DataSection(train=os.path.join(out, "train-{000000..000003}.tar"))
     with pytest.raises(DataError, match="data.val: no validation data"):
         build_loader(pattern, "val", seq_len=SEQ, micro_batch_size=MB, vocab_size=512)
+
+
+def test_named_val_sources_each_read_what_data_val_alone_reads(corpus):
+    """Each named source's loader is the val loader of a spec with data.val = its path (on every rank);
+    without names there is one loader, the plain val loader."""
+    out, _, _ = corpus
+    shard = os.path.join(out, "train-{000000..000001}.tar")  # a pattern is read as it is, val or not
+    named = DataSection(train=out, val=[{"name": "held-out", "path": out}, {"name": "seen", "path": shard}])
+    for rank in range(2):
+        kw = dict(seq_len=SEQ, micro_batch_size=MB, rank=rank, world_size=2, vocab_size=512)
+        loaders = build_val_loaders(named, **kw)
+        assert list(loaders) == ["held-out", "seen"]
+        for name, path in (("held-out", out), ("seen", shard)):
+            got = [x for x, _ in loaders[name]]
+            alone = [x for x, _ in build_loader(DataSection(train=out, val=path), "val", **kw)]
+            assert len(got) == len(alone) > 0 and all(torch.equal(p, q) for p, q in zip(got, alone))
+        plain = build_val_loaders(DataSection(train=out), **kw)
+        assert list(plain) == [None]
+        alone = [x for x, _ in build_loader(DataSection(train=out), "val", **kw)]
+        assert all(torch.equal(p, q) for p, q in zip([x for x, _ in plain[None]], alone, strict=True))
 
 
 def test_patterns_globs_and_pipe_urls_read_the_same_data(corpus):

@@ -341,3 +341,45 @@ def test_a_saved_spec_reads_back_after_its_teacher_moved(tmp_path: Path) -> None
     assert validate_spec(data, saved=True).distill.teacher == str(teacher)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
     assert read_model_section(tmp_path) == load_spec("tiny").model
+
+
+# --- data.val: a list of named sources, each evaluated on its own (val_loss/<name>)
+
+
+def test_named_val_sources_validate_and_unnamed_lists_stay_mixtures() -> None:
+    named = validate_spec(base(data={"val": [{"name": "web", "path": "a"}, {"name": "code-v2.1", "path": "b"}]}))
+    assert named.data.val_names == ["web", "code-v2.1"]
+    mixed = validate_spec(base(data={"val": [{"path": "a"}, {"path": "b", "weight": 2}]}))
+    assert mixed.data.val_names == [] and [s.weight for s in mixed.data.val] == [1.0, 2.0]
+    assert validate_spec(base(data={"val": "a"})).data.val_names == []
+
+
+@pytest.mark.parametrize(
+    "val, error",
+    [
+        ([{"name": "web", "path": "a"}, {"path": "b"}], "data.val[1].name: missing; name every entry"),
+        ([{"name": "web", "path": "a"}, {"name": "web", "path": "b"}], "data.val[1].name: 'web' is used twice"),
+        ([{"name": "web", "path": "a", "weight": 2}], "data.val[0].weight: a named val source is evaluated"),
+        ([{"name": "", "path": "a"}], "data.val.list[ValSource].0.name: cannot be a metric key"),
+        ([{"name": "x/y", "path": "a"}], "data.val.list[ValSource].0.name: cannot be a metric key"),
+        ([{"name": "a: b", "path": "a"}], "data.val.list[ValSource].0.name: cannot be a metric key"),
+        ([{"name": "-web", "path": "a"}], "data.val.list[ValSource].0.name: cannot be a metric key"),
+        ([{"name": "w" * 65, "path": "a"}], "data.val.list[ValSource].0.name: cannot be a metric key"),
+        ([{"name": 3, "path": "a"}], "data.val.list[ValSource].0.name: Input should be a valid string"),
+        ([{"name": "web"}], "data.val.list[ValSource].0.path: required field is missing"),
+        ([{"name": "web", "path": "a", "split": "val"}], "data.val.list[ValSource].0.split: unknown field"),
+    ],
+)
+def test_named_val_sources_bad_input(val: list, error: str) -> None:
+    errors = errors_of(base(data={"val": val}))
+    assert any(e.startswith(error) for e in errors), errors
+
+
+def test_bad_val_name_exits_2_with_the_field(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump({**base(), "data": {"val": [{"name": "web site", "path": "a"}, {"name": "b", "path": "b"}]}})
+    )
+    res = run_cli("config", "validate", str(spec))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "data.val.list[ValSource].0.name: cannot be a metric key" in res.stderr and "'web site'" in res.stderr
