@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# (title, key, log scale) of the four panels; validation loss and distillation's CE and KD join the loss panel
+# (title, key, log scale) of the four panels; validation losses and distillation's CE and KD join the loss panel
 PANELS = [("loss", "loss", True), ("learning rate", "lr", False), ("tokens/s", "tokens_per_s", False),
           ("grad norm", "grad_norm", True)]
 
@@ -17,9 +17,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def val_lines(records: list[dict], x_axis: str = "step") -> dict[str, list[tuple[float, float]]]:
+    """The validation points of one run by line: ``val`` from ``val_loss`` and ``val/<name>`` from each
+    named source's ``val_loss/<name>``; x is the step, or the tokens trained by then."""
+    tokens_at = {r["step"]: r["tokens"] for r in records if "loss" in r}
+    keys = sorted({k for r in records for k in r if k.split("/")[0] == "val_loss"})
+    return {
+        key.replace("val_loss", "val", 1): [
+            (r["step"] if x_axis == "step" else tokens_at.get(r["step"], 0), r[key]) for r in records if key in r
+        ]
+        for key in keys
+    }
+
+
 def plot_runs(run_dirs: list[Path], out: Path, x_axis: str = "step") -> Path:
-    """Render loss (train, val, and with distillation its CE and KD parts), lr, tokens/s and grad norm
-    against ``x_axis`` (step or tokens)."""
+    """Render loss (train, val and each named val source, and with distillation its CE and KD parts), lr,
+    tokens/s and grad norm against ``x_axis`` (step or tokens)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,8 +42,6 @@ def plot_runs(run_dirs: list[Path], out: Path, x_axis: str = "step") -> Path:
     for run_dir in run_dirs:
         records = read_metrics(run_dir)
         train = [r for r in records if "loss" in r]
-        val = [r for r in records if "val_loss" in r]
-        tokens_at = {r["step"]: r["tokens"] for r in train}
         label = run_dir.name
         for ax, (title, key, log) in zip(axes.flat, PANELS):
             points = [(r[x_axis], r[key]) for r in train if r.get(key) is not None]
@@ -42,9 +53,8 @@ def plot_runs(run_dirs: list[Path], out: Path, x_axis: str = "step") -> Path:
                     points = [(r[x_axis], r[part]) for r in train if r.get(part) is not None]
                     if points:
                         ax.plot(*zip(*points), ":", label=f"{label} {part}")
-            if key == "loss" and val:
-                xs = [r["step"] if x_axis == "step" else tokens_at.get(r["step"], 0) for r in val]
-                ax.plot(xs, [r["val_loss"] for r in val], "o--", label=f"{label} val")
+                for name, points in val_lines(records, x_axis).items():
+                    ax.plot(*zip(*points), "o--", label=f"{label} {name}")
             ax.set_title(title)
             ax.set_xlabel(x_axis)
             if log:

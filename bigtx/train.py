@@ -41,7 +41,7 @@ from bigtx.checkpoint.resume import FINISHED, ResumePlan, plan_resume
 from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.layout import check_layout
-from bigtx.data import DataError, build_loader, check_data
+from bigtx.data import DataError, build_loader, build_val_loaders, check_data
 from bigtx.distill import TeacherClock, open_teacher, teacher_logits
 from bigtx.distributed import EXIT_ERROR, EXIT_FINISHED, EXIT_REQUEUE, EXIT_USAGE, DistEnv
 from bigtx.export import open_model
@@ -183,7 +183,7 @@ class Job:
     env: DistEnv
     engine: Any
     train_loader: Any
-    val_loader: Any | None
+    val_loaders: dict[str | None, Any]  # per named data.val source, or one (key None); empty: no validation
     group_names: list[list[str]]  # parameter names per optimizer group, for the exporter
     accum: int
     global_batch: int
@@ -197,9 +197,8 @@ class Job:
 
     def close(self) -> None:
         """Stop the loaders' worker processes."""
-        for loader in (self.train_loader, self.val_loader):
-            if loader is not None:
-                loader.close()
+        for loader in (self.train_loader, *self.val_loaders.values()):
+            loader.close()
 
 
 def build_model(spec: RunSpec, rank: int, world_size: int, ds_config: dict[str, Any], fresh: bool) -> Transformer:
@@ -254,10 +253,10 @@ def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePl
     )
     train_loader = build_loader(spec.data, split="train", **loader_args)
     try:
-        val_loader = build_loader(spec.data, split="val", **loader_args)
+        val_loaders = build_val_loaders(spec.data, **loader_args)
     except DataError as exc:
         log.warning("no validation: %s", exc)
-        val_loader = None
+        val_loaders = {}
     teacher = None
     if spec.distill is not None:
         source = open_teacher(spec.distill.teacher, spec.data, spec.model.vocab_size)
@@ -267,7 +266,7 @@ def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePl
         env,
         engine,
         train_loader,
-        val_loader,
+        val_loaders,
         group_names,
         accum,
         global_batch,
@@ -547,38 +546,64 @@ def stragglers(window: LogWindow) -> dict[str, Any]:
     }
 
 
-@torch.no_grad()
-def evaluate(job: Job) -> float | None:
-    """Mean validation loss over up to ``train.eval_batches`` micro-batches per rank, or None without data.
-
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
-    The loader is closed afterwards, so no worker process outlives the evaluation.
-    """
-    loader = job.val_loader
+def _first_batches(loader: Any, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Up to ``n`` micro-batches; the loader is closed afterwards, so no worker process outlives them."""
     try:
-        batches = list(islice(iter(loader), job.spec.train.eval_batches)) if loader is not None else []
+        return list(islice(iter(loader), n))
     finally:
-        if loader is not None:
-            loader.close()
-    n = torch.tensor([len(batches)], dtype=torch.int64)
+        loader.close()
+
+
+@torch.no_grad()
+def evaluate(job: Job) -> dict[str | None, float]:
+    """Mean validation loss per val set over up to ``train.eval_batches`` micro-batches per rank; empty
+    without data.
+
+    Keys as in ``job.val_loaders``. With named sources, key None is added: their token-weighted mean
+    (every micro-batch holds the same number of tokens, so a source weighs by the batches it was
+    evaluated on). Every rank runs the same number of forward passes per set (ZeRO-3 gathers
+    parameters collectively): a set is cut to its shortest rank, and left out on all if one has none.
+    """
+    names = list(job.val_loaders)
+    batches = [_first_batches(loader, job.spec.train.eval_batches) for loader in job.val_loaders.values()]
+    if not batches:
+        return {}
+    n = torch.tensor([len(b) for b in batches], dtype=torch.int64)
     if dist.get_world_size() > 1:
         n = n.to(distributed.device_of_backend())
         dist.all_reduce(n, op=dist.ReduceOp.MIN)
-    n_common = int(n.item())
-    if n_common == 0:
-        return None
+    common = n.tolist()
+    if not any(common):
+        return {}
     job.engine.eval()
-    total = torch.zeros((), dtype=torch.float64, device=job.device)
-    for x, y in batches[:n_common]:
-        total += job.engine(x.to(job.device), y.to(job.device)).double()
+    parts = []
+    for set_batches, n_common in zip(batches, common):
+        total = torch.zeros((), dtype=torch.float64, device=job.device)
+        for x, y in set_batches[:n_common]:
+            total += job.engine(x.to(job.device), y.to(job.device)).double()
+        parts += [total, total.new_tensor(float(n_common))]
     job.engine.train()
-    summed, count = all_reduce_sum(torch.stack([total, total.new_tensor(float(n_common))]))
-    return summed / count
+    reduced = all_reduce_sum(torch.stack(parts))
+    sums, counts = reduced[0::2], reduced[1::2]
+    losses = {name: total / count for name, total, count in zip(names, sums, counts) if count > 0}
+    if None not in losses:
+        losses[None] = sum(sums) / sum(counts)
+    return losses
 
 
-def log_eval(metrics: MetricsLogger, step: int, val_loss: float | None) -> None:
-    if val_loss is not None:
-        metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+def val_key(name: str | None) -> str:
+    """The metric of a val set: ``val_loss``, or ``val_loss/<name>`` for a named source."""
+    return "val_loss" if name is None else f"val_loss/{name}"
+
+
+def log_eval(metrics: MetricsLogger, step: int, losses: dict[str | None, float]) -> None:
+    if not losses:
+        return
+    record: dict[str, Any] = {"step": step}
+    for name, loss in sorted(losses.items(), key=lambda item: item[0] is not None):
+        record[val_key(name)] = loss
+        record[val_key(name).replace("val_loss", "val_ppl", 1)] = math.exp(min(loss, 50))
+    metrics.log(record)
 
 
 def due(step: int, every: int) -> bool:
@@ -670,10 +695,11 @@ def finish(
     """After the last step: final evaluation, final checkpoint, the FINISHED marker."""
     run_dir = Path(job.spec.run.dir)
     beat.mark("eval")
-    val_loss = evaluate(job)
-    log_eval(metrics, progress.step, val_loss)
-    if val_loss is not None:
-        log.info("final validation loss %.4f (perplexity %.2f)", val_loss, math.exp(min(val_loss, 50)))
+    losses = evaluate(job)
+    log_eval(metrics, progress.step, losses)
+    for name, loss in losses.items():
+        on = "" if name is None else f" on {name}"
+        log.info("final validation loss%s %.4f (perplexity %.2f)", on, loss, math.exp(min(loss, 50)))
     if job.spec.checkpoint.save_at_end and saved.step != progress.step:
         beat.mark("save")
         save_checkpoint(job, progress, window)

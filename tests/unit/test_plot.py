@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bigtx.cli.main import main
+from bigtx.plot import read_metrics, val_lines
 
 
 def fake_run(path: Path, scale: float) -> Path:
@@ -34,3 +35,19 @@ def test_plot_without_metrics_is_a_clear_error(tmp_path: Path, capsys: pytest.Ca
     with pytest.raises(SystemExit) as info:
         main(["plot", str(tmp_path)])
     assert info.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_one_validation_line_per_named_source(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "named", 1.0)
+    evals = [{"step": s, "val_loss": 2.0 / s, "val_loss/web": 1.5 / s, "val_loss/code": 2.5 / s} for s in (10, 20)]
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in evals))
+    records = read_metrics(run)
+    assert val_lines(records) == {
+        "val": [(20, 0.3), (10, 0.2), (20, 0.1)],
+        "val/code": [(10, 0.25), (20, 0.125)],
+        "val/web": [(10, 0.15), (20, 0.075)],
+    }
+    assert val_lines(records, "tokens")["val/web"] == [(5120, 0.15), (10240, 0.075)]
+    out = tmp_path / "named.png"
+    assert main(["plot", str(run), "--out", str(out)]) == 0 and out.stat().st_size > 10_000
