@@ -2,6 +2,7 @@
 
     python tools/bench_train.py [--steps 40] [--stages 0 2 3] [--out bench_results/bench_train.json]
     python tools/bench_train.py --watch-cost [--stages 2] [--repeats 3]
+    python tools/bench_train.py --against DIR [--stages 3] [--repeats 4]
 
 Every side runs on 2 local gloo ranks, one after the other, alternating, `--repeats` times:
 
@@ -18,6 +19,9 @@ bigtx/DDP is the overhead the issue asks about; bigtx/DeepSpeed is what bigtx it
 ``train.log_every=1`` (a gather every step, the worst case), alternating. Its time per step is the
 interval between consecutive steps' starts on rank 0, so it includes the logging and the gather
 that ``step_time_s`` leaves out.
+
+``--against DIR`` instead compares `bigtx train` of this checkout with that of another one (e.g. a
+git worktree of an older commit, run with the same interpreter), alternating, same shards.
 """
 
 from __future__ import annotations
@@ -144,11 +148,13 @@ def bigtx_overrides(run_dir: Path, shards: Path, steps: int, precision: str, sta
     ]
 
 
-def run_bigtx(steps: int, precision: str, stage: int, shards: Path, work: Path) -> float:
+def run_bigtx(steps: int, precision: str, stage: int, shards: Path, work: Path, checkout: Path | None = None) -> float:
+    """Median step time of `bigtx train` from this checkout, or from ``checkout``."""
     run_dir = work / f"bigtx-z{stage}-{time.monotonic_ns()}"
     overrides = bigtx_overrides(run_dir, shards, steps, precision, stage)
     cmd = [sys.executable, "-m", "bigtx.train", "tiny", *(f"--set={o}" for o in overrides)]
-    procs = spawn_local(cmd, 2, {"BIGTX_DIST_TIMEOUT_S": "120"})
+    env = {"BIGTX_DIST_TIMEOUT_S": "120"} | ({"PYTHONPATH": str(checkout)} if checkout else {})
+    procs = spawn_local(cmd, 2, env, cwd=checkout)
     assert all(p.wait() == 0 for p in procs), "bigtx train failed"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["step_time_s"] for r in records if "loss" in r and r["step"] > WARMUP)
@@ -293,6 +299,32 @@ def build_shards(work: Path) -> Path:
     return out
 
 
+def against(args: argparse.Namespace) -> None:
+    """This checkout's `bigtx train` against ``args.against``'s, alternating, per stage."""
+    other = Path(args.against).resolve()
+    here = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shards = build_shards(work)
+        times: dict[tuple[int, str], list[float]] = {(s, side): [] for s in args.stages for side in ("this", "other")}
+        for _ in range(args.repeats):
+            for stage in args.stages:
+                times[stage, "other"].append(run_bigtx(args.steps, args.precision, stage, shards, work, other))
+                times[stage, "this"].append(run_bigtx(args.steps, args.precision, stage, shards, work, here))
+    print(f"bigtx {here} against {other}; {args.precision}; {args.repeats} alternating repeats")
+    print(f"{'config':<9} {'other s':>9} {'this s':>9} {'this/other':>11}")
+    rows = []
+    for stage in args.stages:
+        o, t = statistics.median(times[stage, "other"]), statistics.median(times[stage, "this"])
+        rows.append({"zero_stage": stage, "other_step_s": o, "this_step_s": t, "this_over_other": t / o,
+                     "other_runs": times[stage, "other"], "this_runs": times[stage, "this"]})  # fmt: skip
+        print(f"{'ZeRO-' + str(stage):<9} {o:>9.4f} {t:>9.4f} {t / o:>11.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"precision": args.precision, "steps": args.steps, "against": str(other), "rows": rows}))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -303,6 +335,7 @@ def main() -> None:
     parser.add_argument("--ddp-worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--ds-worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--watch-cost", action="store_true", help="bigtx with vs without heartbeat/watchdog/stragglers")
+    parser.add_argument("--against", help="another bigtx checkout: its `bigtx train` against this one's")
     parser.add_argument("--bigtx-worker", nargs=2, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.bigtx_worker:
@@ -312,7 +345,11 @@ def main() -> None:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.out is None:
-        args.out = f"bench_results/bench_train{'_watch' if args.watch_cost else ''}.json"
+        suffix = "_watch" if args.watch_cost else "_against" if args.against else ""
+        args.out = f"bench_results/bench_train{suffix}.json"
+    if args.against:
+        against(args)
+        return
     if args.watch_cost:
         watch_cost(args)
         return
