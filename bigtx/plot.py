@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 
 # (title, key, log scale) of the four panels; validation loss and distillation's CE and KD join the loss panel
-PANELS = [("loss", "loss", True), ("learning rate", "lr", False), ("tokens/s", "tokens_per_s", False),
-          ("grad norm", "grad_norm", True)]
+PANELS = [
+    ("loss", "loss", True),
+    ("learning rate", "lr", False),
+    ("tokens/s", "tokens_per_s", False),
+    ("grad norm", "grad_norm", True),
+]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

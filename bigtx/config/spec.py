@@ -189,6 +189,13 @@ class OptimSection(Section):
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
+    z_loss: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="PaLM's z-loss: add this times the mean log(Z)^2 of the softmax normaliser to the loss "
+        "(0: off; PaLM used 1e-4).",
+    )
 
     @model_validator(mode="after")
     def _check_lr(self) -> OptimSection:
@@ -353,6 +360,11 @@ class RunSpec(Section):
             raise ValueError(
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "lower data.seq_len or raise model.max_seq_len"
+            )
+        if self.optim.z_loss and self.distill is not None:
+            raise ValueError(
+                f"optim.z_loss: {self.optim.z_loss} with distill is not supported yet (the fused distillation "
+                "loss has no z term); set optim.z_loss=0 or drop the distill section"
             )
         if self.train.max_steps is not None and self.schedule.warmup_steps >= self.train.max_steps:
             raise ValueError(

@@ -77,6 +77,11 @@ def test_wrong_type_is_named() -> None:
         ({"train": {"max_steps": 10, "max_tokens": 1000}}, "train.max_steps"),
         ({"model": {"preset": "gpt-17"}}, "model.preset"),
         ({"optim": {"lr": 1e-4, "min_lr": 1e-3}}, "optim.min_lr"),
+        ({"optim": {"z_loss": -1e-4}}, "optim.z_loss"),
+        ({"optim": {"z_loss": "nan"}}, "optim.z_loss"),
+        ({"optim": {"z_loss": "inf"}}, "optim.z_loss"),
+        ({"optim": {"z_loss": "small"}}, "optim.z_loss"),
+        ({"optim": {"z_loss": [1e-4]}}, "optim.z_loss"),
     ],
 )
 def test_cross_field_rules_name_the_field(sections: dict, field: str) -> None:
@@ -341,3 +346,31 @@ def test_a_saved_spec_reads_back_after_its_teacher_moved(tmp_path: Path) -> None
     assert validate_spec(data, saved=True).distill.teacher == str(teacher)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
     assert read_model_section(tmp_path) == load_spec("tiny").model
+
+
+# --- optim.z_loss: off by default, older specs resume, not combined with distill
+
+
+def test_z_loss_is_off_by_default_and_older_specs_resume() -> None:
+    spec = load_spec("tiny")
+    assert spec.optim.z_loss == 0.0
+    saved = spec_to_dict(spec)
+    del saved["optim"]["z_loss"]  # a spec.yaml written before the field existed
+    assert spec_changes(saved, spec_to_dict(spec)) == ([], [])
+    # turning it on when resuming bends the loss curve but breaks nothing: a warning
+    on = spec_to_dict(load_spec("tiny", ["optim.z_loss=1e-4"]))
+    assert spec_changes(saved, on) == (["optim.z_loss: 0.0 -> 0.0001"], [])
+
+
+def test_z_loss_with_distill_is_refused_clearly(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec("tiny", [f"distill.teacher={tmp_path}", "optim.z_loss=1e-4"])
+    assert len(info.value.errors) == 1
+    assert info.value.errors[0].startswith("optim.z_loss: 0.0001 with distill is not supported yet")
+    assert "set optim.z_loss=0 or drop the distill section" in info.value.errors[0]
+
+
+def test_cli_validate_names_a_bad_z_loss() -> None:
+    bad = run_cli("config", "validate", "tiny", "--set", "optim.z_loss=-1")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "optim.z_loss: Input should be greater than or equal to 0" in bad.stderr
