@@ -41,7 +41,7 @@ def plot_runs(run_dirs: list[Path], out: Path, x_axis: str = "step") -> Path:
             if points:
                 ax.plot(*zip(*points), label=f"{label} train" if key == "loss" else label)
             if key == "loss":
-                # distillation's two parts of the training loss
+                # the parts of the training loss: distillation's ce and kd, or the cross-entropy beside a z-loss
                 for part in ("ce_loss", "kd_loss"):
                     points = [(r[x_axis], r[part]) for r in train if r.get(part) is not None]
                     if points:

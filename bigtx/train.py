@@ -471,6 +471,7 @@ class LogWindow:
         """Add a step: ``losses`` as ``reduce_step`` returns them, its time, ``train_step``'s result."""
         self.loss += losses[0]
         self.steps += 1
+        # the parts' count tells the kinds apart (StepResult.losses): z-loss [ce, z], distill [ce, kd, teacher_ce]
         if len(losses) == 3:
             self.z_loss = [total + value for total, value in zip(self.z_loss or [0.0] * 2, losses[1:])]
             self.z_steps += 1
