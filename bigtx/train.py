@@ -375,8 +375,9 @@ def open_metrics(job: Job, progress: Progress) -> MetricsLogger:
 
 @dataclass
 class StepResult:
-    # this rank's means over the step's micro-batches of [loss], with distill [loss, ce, kd, teacher_ce],
-    # with optim.z_loss [loss, ce, z]: float64, on the device
+    # this rank's means over the step's micro-batches of [loss] and the parts ``loss_parts`` names:
+    # [loss], with distill [loss, ce, kd, teacher_ce], with optim.z_loss [loss, ce, z], with both
+    # [loss, ce, kd, teacher_ce, z]: float64, on the device
     losses: torch.Tensor
     data_wait: float  # seconds spent waiting for batches
     backward: float  # seconds in the backward passes, where the gradients are reduced: ranks wait for the slowest
@@ -432,17 +433,17 @@ def micro_batch_loss(
     # nothing else holds the student's logits: their storage takes the gradient (as in Transformer.forward)
     losses = distill_loss(
         logits, teacher, y.flatten(), alpha=d.alpha, temperature=d.temperature, kind=d.kind, top_k=d.top_k,
-        overwrite_logits=True,
+        z_loss=z_loss, overwrite_logits=True,
     )  # fmt: skip
-    return losses.total, torch.stack(losses).detach()
+    return losses.total, torch.stack(losses if z_loss else losses[:4]).detach()
 
 
 def loss_parts(spec: RunSpec) -> tuple[str, ...]:
-    """The metrics names of the values ``micro_batch_loss`` logs after the loss (the spec forbids
-    distill with z-loss)."""
-    if spec.distill is not None:
-        return ("ce_loss", "kd_loss", "teacher_ce")
-    return ("ce_loss", "z_loss") if spec.optim.z_loss else ()
+    """The metrics names of the values ``micro_batch_loss`` logs after the loss."""
+    distill = ("ce_loss", "kd_loss", "teacher_ce") if spec.distill is not None else ()
+    if spec.optim.z_loss:
+        return (distill or ("ce_loss",)) + ("z_loss",)
+    return distill
 
 
 @dataclass
@@ -471,13 +472,15 @@ class LogWindow:
         """Add a step: ``losses`` as ``reduce_step`` returns them, its time, ``train_step``'s result."""
         self.loss += losses[0]
         self.steps += 1
-        # the parts' count tells the kinds apart (StepResult.losses): z-loss [ce, z], distill [ce, kd, teacher_ce]
-        if len(losses) == 3:
-            self.z_loss = [total + value for total, value in zip(self.z_loss or [0.0] * 2, losses[1:])]
-            self.z_steps += 1
-        elif len(losses) > 1:
-            self.distill = [total + value for total, value in zip(self.distill or [0.0] * 3, losses[1:])]
+        # the parts' count tells the kinds apart (StepResult.losses): z-loss [ce, z], distill
+        # [ce, kd, teacher_ce], both [ce, kd, teacher_ce, z]
+        parts = losses[1:]
+        if len(parts) >= 3:
+            self.distill = [total + value for total, value in zip(self.distill or [0.0] * 3, parts[:3])]
             self.distill_steps += 1
+        if len(parts) in (2, 4):
+            self.z_loss = [total + value for total, value in zip(self.z_loss or [0.0] * 2, (parts[0], parts[-1]))]
+            self.z_steps += 1
         self.timed += 1
         self.time += step_time
         self.data += result.data_wait
@@ -508,7 +511,7 @@ def metrics_record(job: Job, progress: Progress, window: LogWindow, loss_step: f
     every peer logs it), ``loss_step`` this step's; times and throughput are window means too. With
     distill, ``ce_loss``, ``kd_loss`` and ``teacher_ce`` are window means like ``loss``; with z-loss,
     ``ce_loss`` and ``z_loss`` (the mean log(Z)^2 without the coefficient, so ``loss = ce_loss +
-    optim.z_loss * z_loss``)."""
+    optim.z_loss * z_loss``, and with distill too ``(1 - alpha) * ce_loss + alpha * kd_loss + ...``)."""
     engine, spec = job.engine, job.spec
     tokens_per_s = window.tokens / window.time
     tflops = spec.model.flops_per_token(spec.data.seq_len) * tokens_per_s / job.env.world_size / 1e12
@@ -539,7 +542,7 @@ def metrics_record(job: Job, progress: Progress, window: LogWindow, loss_step: f
         record |= {"teacher_time_s": window.teacher / window.timed, "teacher_share": window.teacher / window.time}
     if window.z_loss is not None:
         ce, z = (total / window.z_steps for total in window.z_loss)
-        record |= {"ce_loss": ce, "z_loss": z}
+        record |= {"ce_loss": ce, "z_loss": z}  # with distill too: the same ce_loss
     if len(stats["source_tokens"]) > 1:
         # the mixture as realised by this rank's readers (token shares per source, in data.train's
         # order), next to the weights asked for: with data.on_error=skip, lost shards show here

@@ -194,7 +194,7 @@ class OptimSection(Section):
         ge=0,
         allow_inf_nan=False,
         description="PaLM's z-loss: add this times the mean log(Z)^2 of the softmax normaliser to the loss "
-        "(0: off; PaLM used 1e-4).",
+        "(with distill: of the student's logits; 0: off; PaLM used 1e-4).",
     )
 
     @model_validator(mode="after")
@@ -360,11 +360,6 @@ class RunSpec(Section):
             raise ValueError(
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "lower data.seq_len or raise model.max_seq_len"
-            )
-        if self.optim.z_loss and self.distill is not None:
-            raise ValueError(
-                f"optim.z_loss: {self.optim.z_loss} with distill is not supported yet (the fused distillation "
-                "loss has no z term); set optim.z_loss=0 or drop the distill section"
             )
         if self.train.max_steps is not None and self.schedule.warmup_steps >= self.train.max_steps:
             raise ValueError(

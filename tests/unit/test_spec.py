@@ -348,7 +348,7 @@ def test_a_saved_spec_reads_back_after_its_teacher_moved(tmp_path: Path) -> None
     assert read_model_section(tmp_path) == load_spec("tiny").model
 
 
-# --- optim.z_loss: off by default, older specs resume, not combined with distill
+# --- optim.z_loss: off by default, older specs resume
 
 
 def test_z_loss_is_off_by_default_and_older_specs_resume() -> None:
@@ -362,12 +362,9 @@ def test_z_loss_is_off_by_default_and_older_specs_resume() -> None:
     assert spec_changes(saved, on) == (["optim.z_loss: 0.0 -> 0.0001"], [])
 
 
-def test_z_loss_with_distill_is_refused_clearly(tmp_path: Path) -> None:
-    with pytest.raises(SpecError) as info:
-        load_spec("tiny", [f"distill.teacher={tmp_path}", "optim.z_loss=1e-4"])
-    assert len(info.value.errors) == 1
-    assert info.value.errors[0].startswith("optim.z_loss: 0.0001 with distill is not supported yet")
-    assert "set optim.z_loss=0 or drop the distill section" in info.value.errors[0]
+def test_z_loss_combines_with_distill(tmp_path: Path) -> None:
+    spec = load_spec("tiny", [f"distill.teacher={tmp_path}", "optim.z_loss=1e-4"])
+    assert spec.optim.z_loss == 1e-4 and spec.distill is not None
 
 
 def test_cli_validate_names_a_bad_z_loss() -> None:
