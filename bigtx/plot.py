@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 
 # (title, key, log scale) of the four panels; validation losses and distillation's CE and KD join the loss panel
-PANELS = [("loss", "loss", True), ("learning rate", "lr", False), ("tokens/s", "tokens_per_s", False),
-          ("grad norm", "grad_norm", True)]
+PANELS = [
+    ("loss", "loss", True),
+    ("learning rate", "lr", False),
+    ("tokens/s", "tokens_per_s", False),
+    ("grad norm", "grad_norm", True),
+]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -48,7 +52,7 @@ def plot_runs(run_dirs: list[Path], out: Path, x_axis: str = "step") -> Path:
             if points:
                 ax.plot(*zip(*points), label=f"{label} train" if key == "loss" else label)
             if key == "loss":
-                # distillation's two parts of the training loss
+                # the parts of the training loss: distillation's ce and kd, or the cross-entropy beside a z-loss
                 for part in ("ce_loss", "kd_loss"):
                     points = [(r[x_axis], r[part]) for r in train if r.get(part) is not None]
                     if points:

@@ -51,6 +51,7 @@ from bigtx.memory_check import memory_report
 from bigtx.metrics import MetricsLogger, peak_tflops
 from bigtx.model import Transformer
 from bigtx.model.distill_loss import distill_loss
+from bigtx.model.loss import cross_entropy_parts
 from bigtx.model.weights import load_weights, weight_reader
 from bigtx.optim import lr_at, param_groups
 
@@ -373,8 +374,9 @@ def open_metrics(job: Job, progress: Progress) -> MetricsLogger:
 
 @dataclass
 class StepResult:
-    # this rank's means over the step's micro-batches of [loss], or with distill [loss, ce, kd, teacher_ce]:
-    # float64, on the device
+    # this rank's means over the step's micro-batches of [loss] and the parts ``loss_parts`` names:
+    # [loss], with distill [loss, ce, kd, teacher_ce], with optim.z_loss [loss, ce, z], with both
+    # [loss, ce, kd, teacher_ce, z]: float64, on the device
     losses: torch.Tensor
     data_wait: float  # seconds spent waiting for batches
     backward: float  # seconds in the backward passes, where the gradients are reduced: ranks wait for the slowest
@@ -390,7 +392,7 @@ def train_step(job: Job, batches: Iterator, lr: float, beat: Heartbeat) -> StepR
     engine = job.engine
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    sums = torch.zeros(1 if job.teacher is None else 4, dtype=torch.float64, device=job.device)
+    sums = torch.zeros(1 + len(loss_parts(job.spec)), dtype=torch.float64, device=job.device)
     data_wait = backward = 0.0
     clock = TeacherClock()
     for _ in range(job.accum):
@@ -411,12 +413,17 @@ def train_step(job: Job, batches: Iterator, lr: float, beat: Heartbeat) -> StepR
 def micro_batch_loss(
     job: Job, x: torch.Tensor, y: torch.Tensor, clock: TeacherClock
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss to differentiate: the student's cross-entropy, or with ``distill`` the fused
-    (1 - alpha) * CE + alpha * KD (the teacher's forward timed by ``clock``); and the values to log,
-    detached: [loss], or [loss, ce, kd, teacher_ce]."""
-    if job.teacher is None:
+    """The loss to differentiate: the student's cross-entropy, with ``optim.z_loss`` plus its z term,
+    or with ``distill`` the fused (1 - alpha) * CE + alpha * KD (the teacher's forward timed by
+    ``clock``); and the values to log, detached: [loss] and ``loss_parts``."""
+    z_loss = job.spec.optim.z_loss
+    if job.teacher is None and not z_loss:
         loss = job.engine(x, y)
         return loss, loss.detach().view(1)
+    if job.teacher is None:
+        # nothing else holds the logits: their storage takes the gradient (as in Transformer.forward)
+        parts = cross_entropy_parts(job.engine(x).flatten(0, 1), y.flatten(), z_loss=z_loss, overwrite_logits=True)
+        return parts.total, torch.stack(parts).detach()
     d = job.spec.distill
     assert d is not None
     logits = job.engine(x).flatten(0, 1)
@@ -425,9 +432,17 @@ def micro_batch_loss(
     # nothing else holds the student's logits: their storage takes the gradient (as in Transformer.forward)
     losses = distill_loss(
         logits, teacher, y.flatten(), alpha=d.alpha, temperature=d.temperature, kind=d.kind, top_k=d.top_k,
-        overwrite_logits=True,
+        z_loss=z_loss, overwrite_logits=True,
     )  # fmt: skip
-    return losses.total, torch.stack(losses).detach()
+    return losses.total, torch.stack(losses if z_loss else losses[:4]).detach()
+
+
+def loss_parts(spec: RunSpec) -> tuple[str, ...]:
+    """The metrics names of the values ``micro_batch_loss`` logs after the loss."""
+    distill = ("ce_loss", "kd_loss", "teacher_ce") if spec.distill is not None else ()
+    if spec.optim.z_loss:
+        return (distill or ("ce_loss",)) + ("z_loss",)
+    return distill
 
 
 @dataclass
@@ -436,13 +451,15 @@ class LogWindow:
 
     Only the loss parts are saved with a checkpoint: times measured by a process that has since died
     are not carried over (``timed`` counts the steps this process measured). ``distill_steps`` counts
-    the steps in ``distill``: a checkpoint from before bigtx logged them has none.
+    the steps in ``distill``: a checkpoint from before bigtx logged them has none; ``z_steps`` likewise.
     """
 
     loss: float = 0.0
     steps: int = 0
     distill: list[float] | None = None  # with distill: sums of [ce, kd, teacher_ce]
     distill_steps: int = 0
+    z_loss: list[float] | None = None  # with optim.z_loss: sums of [ce, z]
+    z_steps: int = 0
     timed: int = 0
     time: float = 0.0
     data: float = 0.0
@@ -454,9 +471,15 @@ class LogWindow:
         """Add a step: ``losses`` as ``reduce_step`` returns them, its time, ``train_step``'s result."""
         self.loss += losses[0]
         self.steps += 1
-        if len(losses) > 1:
-            self.distill = [total + value for total, value in zip(self.distill or [0.0] * 3, losses[1:])]
+        # the parts' count tells the kinds apart (StepResult.losses): z-loss [ce, z], distill
+        # [ce, kd, teacher_ce], both [ce, kd, teacher_ce, z]
+        parts = losses[1:]
+        if len(parts) >= 3:
+            self.distill = [total + value for total, value in zip(self.distill or [0.0] * 3, parts[:3])]
             self.distill_steps += 1
+        if len(parts) in (2, 4):
+            self.z_loss = [total + value for total, value in zip(self.z_loss or [0.0] * 2, (parts[0], parts[-1]))]
+            self.z_steps += 1
         self.timed += 1
         self.time += step_time
         self.data += result.data_wait
@@ -466,23 +489,28 @@ class LogWindow:
 
     def saved(self) -> dict[str, Any]:
         distill = {"distill": self.distill, "distill_steps": self.distill_steps} if self.distill is not None else {}
-        return {"loss": self.loss, "steps": self.steps} | distill
+        z_loss = {"z_loss": self.z_loss, "z_steps": self.z_steps} if self.z_loss is not None else {}
+        return {"loss": self.loss, "steps": self.steps} | distill | z_loss
 
     @classmethod
     def restored(cls, saved: dict[str, Any]) -> LogWindow:
-        distill = saved.get("distill")
+        distill, z_loss = saved.get("distill"), saved.get("z_loss")
         return cls(
             loss=float(saved.get("loss", 0.0)),
             steps=int(saved.get("steps", 0)),
             distill=[float(v) for v in distill] if distill is not None else None,
             distill_steps=int(saved.get("distill_steps", 0)),
+            z_loss=[float(v) for v in z_loss] if z_loss is not None else None,
+            z_steps=int(saved.get("z_steps", 0)),
         )
 
 
 def metrics_record(job: Job, progress: Progress, window: LogWindow, loss_step: float, lr: float) -> dict[str, Any]:
     """One line of metrics.jsonl: ``loss`` is the mean over the steps since the previous line (as
     every peer logs it), ``loss_step`` this step's; times and throughput are window means too. With
-    distill, ``ce_loss``, ``kd_loss`` and ``teacher_ce`` are window means like ``loss``."""
+    distill, ``ce_loss``, ``kd_loss`` and ``teacher_ce`` are window means like ``loss``; with z-loss,
+    ``ce_loss`` and ``z_loss`` (the mean log(Z)^2 without the coefficient, so ``loss = ce_loss +
+    optim.z_loss * z_loss``, and with distill too ``(1 - alpha) * ce_loss + alpha * kd_loss + ...``)."""
     engine, spec = job.engine, job.spec
     tokens_per_s = window.tokens / window.time
     tflops = spec.model.flops_per_token(spec.data.seq_len) * tokens_per_s / job.env.world_size / 1e12
@@ -511,6 +539,9 @@ def metrics_record(job: Job, progress: Progress, window: LogWindow, loss_step: f
         record |= {"ce_loss": ce, "kd_loss": kd, "teacher_ce": teacher_ce}
         # this rank's, as step_time_s is
         record |= {"teacher_time_s": window.teacher / window.timed, "teacher_share": window.teacher / window.time}
+    if window.z_loss is not None:
+        ce, z = (total / window.z_steps for total in window.z_loss)
+        record |= {"ce_loss": ce, "z_loss": z}  # with distill too: the same ce_loss
     if len(stats["source_tokens"]) > 1:
         # the mixture as realised by this rank's readers (token shares per source, in data.train's
         # order), next to the weights asked for: with data.on_error=skip, lost shards show here

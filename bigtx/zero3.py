@@ -62,4 +62,3 @@ def write_parameters(
         with deepspeed.zero.GatheredParameters(p, modifier_rank=writer):
             if rank == writer:
                 p.data.copy_(value_of(name, p.ds_shape))
-

@@ -32,6 +32,7 @@ WARN = (
     "optim.min_lr",
     "optim.grad_clip",
     "optim.weight_decay",
+    "optim.z_loss",
     "train.micro_batch_size",
     "train.grad_accum",
     "train.global_batch_size",
@@ -39,6 +40,10 @@ WARN = (
     "deepspeed.base",
     "data.num_workers",
 )
+
+# Fields added after checkpoints were written: an older spec lacks them, and their value here is what
+# that run did.
+ADDED = {"optim.z_loss": 0.0}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -54,7 +59,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def spec_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(warnings, refusals): ``field: old -> new`` lines for changes that are risky or unsafe."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = ADDED | _flatten(old), ADDED | _flatten(new)
     warnings, refusals = [], []
     for key in sorted(a.keys() | b.keys()):
         if a.get(key) == b.get(key) or key.startswith(SAFE):

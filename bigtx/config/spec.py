@@ -244,6 +244,13 @@ class OptimSection(Section):
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
+    z_loss: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="PaLM's z-loss: add this times the mean log(Z)^2 of the softmax normaliser to the loss "
+        "(with distill: of the student's logits; 0: off; PaLM used 1e-4).",
+    )
 
     @model_validator(mode="after")
     def _check_lr(self) -> OptimSection:

@@ -158,8 +158,7 @@ def _shard_entries(index: dict, split: str, location: str, label: str) -> list[d
             problem = f"{field} is not a mapping"
         elif (why := _name_problem(e.get("name"), remote)) is not None:
             problem = (
-                f"{field}.name {e.get('name')!r} {why}; "
-                "shard names must be relative paths inside the dataset directory"
+                f"{field}.name {e.get('name')!r} {why}; shard names must be relative paths inside the dataset directory"
             )
         elif "sha256" in e and not (isinstance(e["sha256"], str) and _HEX64.fullmatch(e["sha256"])):
             problem = f"{field}.sha256 {e['sha256']!r} is not 64 lower-case hex digits"

@@ -22,10 +22,11 @@ KDKind = Literal["forward_kl", "reverse_kl"]
 class DistillLosses(NamedTuple):
     """The loss to differentiate and its parts (fp32 scalars; the parts carry no gradient)."""
 
-    total: Tensor  # (1 - alpha) * ce + alpha * kd
+    total: Tensor  # (1 - alpha) * ce + alpha * kd + z_loss * z
     ce: Tensor  # the student's cross-entropy against the targets
     kd: Tensor  # temperature**2 * mean KL divergence between the two distributions
     teacher_ce: Tensor  # the teacher's own cross-entropy against the targets
+    z: Tensor  # the student's mean log(Z)**2 (bigtx.model.loss.cross_entropy_parts); 0 when z_loss is 0
 
 
 def distill_loss(
@@ -38,6 +39,7 @@ def distill_loss(
     kind: KDKind = "forward_kl",
     top_k: int = 0,
     ignore_index: int = -100,
+    z_loss: float = 0.0,
     overwrite_logits: bool = False,
 ) -> DistillLosses:
     """``(1 - alpha) * CE + alpha * KD`` of ``student_logits`` [N, V], with ``teacher_logits`` [N, V]
@@ -60,6 +62,10 @@ def distill_loss(
     ``F.cross_entropy``). All arithmetic is fp32 whatever the logits' dtype; the gradient is scaled
     by the incoming gradient (an fp16 loss scale) before it is rounded to the logits' dtype. With
     ``alpha == 0`` the total and its gradient equal ``bigtx.model.loss.cross_entropy`` bit for bit.
+
+    ``z_loss`` > 0 adds PaLM's z-loss of the student's logits, ``z_loss * z`` with ``z`` the mean over
+    counted rows of ``logsumexp(s)**2`` (at temperature 1, over the full vocabulary), as
+    ``bigtx.model.loss.cross_entropy_parts`` does; at 0 nothing extra is computed and ``z`` is 0.
 
     The teacher's logits stay referenced until the backward when ``top_k`` is 0 (the KD gradient
     needs them); with ``top_k`` > 0 only the top-k values (fp32) and ids [N, top_k] are kept.
@@ -87,13 +93,18 @@ def distill_loss(
         raise ValueError(f"kind must be 'forward_kl' or 'reverse_kl', got {kind!r}")
     if not 0 <= top_k <= vocab:
         raise ValueError(f"top_k must be in [0, V={vocab}], got {top_k}")
+    if not z_loss >= 0.0 or z_loss == float("inf"):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
     options = _Options(
-        ignore_index, float(alpha), float(temperature), kind == "reverse_kl", top_k, chunk_rows(student_logits)
+        ignore_index,
+        float(alpha),
+        float(temperature),
+        kind == "reverse_kl",
+        top_k,
+        chunk_rows(student_logits),
+        float(z_loss),
     )
-    total, ce, kd, teacher_ce = _ChunkedDistill.apply(
-        student_logits, teacher_logits, targets, options, overwrite_logits
-    )
-    return DistillLosses(total, ce, kd, teacher_ce)
+    return DistillLosses(*_ChunkedDistill.apply(student_logits, teacher_logits, targets, options, overwrite_logits))
 
 
 class _Options(NamedTuple):
@@ -103,6 +114,7 @@ class _Options(NamedTuple):
     reverse: bool
     top_k: int
     rows: int
+    z_loss: float
 
 
 def _log_softmax_at(x: Tensor, temperature: float) -> Tensor:
@@ -131,10 +143,11 @@ class _ChunkedDistill(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, student: Tensor, teacher: Tensor, targets: Tensor, opt: _Options, overwrite: bool
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         valid = targets != opt.ignore_index
         safe_targets = torch.where(valid, targets, 0)
-        ce, kd, teacher_ce = (torch.zeros((), dtype=torch.float32, device=student.device) for _ in range(3))
+        ce, kd, teacher_ce, z = (torch.zeros((), dtype=torch.float32, device=student.device) for _ in range(4))
+        lse_rows: list[Tensor] = []
         top_values: list[Tensor] = []
         top_ids: list[Tensor] = []
         for start in range(0, student.shape[0], opt.rows):
@@ -145,6 +158,10 @@ class _ChunkedDistill(torch.autograd.Function):
             # the same summation as cross_entropy, so that alpha = 0 reproduces it exactly
             ce -= torch.where(counted, log_q1.gather(1, target).squeeze(1), 0.0).sum()
             teacher_ce -= torch.where(counted, log_p1.gather(1, target).squeeze(1), 0.0).sum()
+            if opt.z_loss:
+                lse = torch.logsumexp(s, dim=-1)
+                lse_rows.append(lse)
+                z += torch.where(counted, lse.square(), 0.0).sum()
             if opt.top_k:
                 t_values, ids = t.topk(opt.top_k, dim=-1)
                 top_values.append(t_values)
@@ -157,21 +174,26 @@ class _ChunkedDistill(torch.autograd.Function):
                 log_q, log_p = _log_softmax_at(s, opt.temperature), _log_softmax_at(t, opt.temperature)
             kd += torch.where(counted, _kl_rows(log_q, log_p, opt.reverse), 0.0).sum()
         count = valid.sum()
-        ce, kd, teacher_ce = ce / count, kd * opt.temperature**2 / count, teacher_ce / count
+        ce, kd, teacher_ce, z = ce / count, kd * opt.temperature**2 / count, teacher_ce / count, z / count
         total = (1.0 - opt.alpha) * ce + opt.alpha * kd
+        if opt.z_loss:
+            total = total + opt.z_loss * z
+        # log(Z) per row for the z term's gradient: [N] fp32, small next to the logits
+        lse_all = torch.cat(lse_rows) if opt.z_loss else z
         if opt.top_k:
-            ctx.save_for_backward(student, safe_targets, valid, count, torch.cat(top_values), torch.cat(top_ids))
+            top = (torch.cat(top_values), torch.cat(top_ids))
+            ctx.save_for_backward(student, safe_targets, valid, count, lse_all, *top)
         else:
-            ctx.save_for_backward(student, safe_targets, valid, count, teacher)
+            ctx.save_for_backward(student, safe_targets, valid, count, lse_all, teacher)
         ctx.opt, ctx.overwrite = opt, overwrite
-        ctx.mark_non_differentiable(ce, kd, teacher_ce)
-        return total, ce, kd, teacher_ce
+        ctx.mark_non_differentiable(ce, kd, teacher_ce, z)
+        return total, ce, kd, teacher_ce, z
 
     @staticmethod
     def backward(ctx, grad_total: Tensor, *_unused: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        student, safe_targets, valid, count, *teacher_saved = ctx.saved_tensors
+        student, safe_targets, valid, count, lse, *teacher_saved = ctx.saved_tensors
         opt: _Options = ctx.opt
         row_scale = valid.float() * (grad_total.float() / count.clamp_min(1))
         ce_scale = row_scale * (1.0 - opt.alpha)
@@ -190,6 +212,12 @@ class _ChunkedDistill(torch.autograd.Function):
             if opt.alpha > 0.0:
                 kd_grad = _kd_grad(s, [x[start:end] for x in teacher_saved], opt).mul_(kd_scale[start:end, None])
                 chunk_grad = kd_grad if chunk_grad is None else chunk_grad.add_(kd_grad)
+            if opt.z_loss:
+                # d(z_loss * mean log(Z)^2)/d(logit) = 2 * z_loss * log(Z) * softmax / count
+                z_grad = torch.softmax(s, dim=-1).mul_(
+                    (2.0 * opt.z_loss * lse[start:end] * row_scale[start:end])[:, None]
+                )
+                chunk_grad = z_grad if chunk_grad is None else chunk_grad.add_(z_grad)
             grad[start:end] = chunk_grad
         return grad, None, None, None, None
 

@@ -113,7 +113,7 @@ def test_metrics_tensorboard_and_run_dir(tmp_path: Path, byte_shards: Path) -> N
         "median_data_wait_s",
     }
     assert required <= set(records[0])
-    assert not {"ce_loss", "kd_loss", "teacher_ce", "teacher_time_s", "teacher_share"} & set().union(*records)
+    assert not {"ce_loss", "kd_loss", "teacher_ce", "teacher_time_s", "teacher_share", "z_loss"} & set().union(*records)
     assert {r["slowest_rank"] for r in records if "loss" in r} <= {0, 1}
     assert records[0]["tokens"] == 2 * 4 * 64  # world x micro batch x seq_len
     evals = [r for r in records if "val_loss" in r]

@@ -83,7 +83,8 @@ def test_matches_fp64_reference(
     *ref_values, ref_grad = _reference(student, teacher, targets, alpha, temperature, kind, top_k)
     losses, grad = _run(student, teacher, targets, alpha=alpha, temperature=temperature, kind=kind, top_k=top_k)
     assert losses.total.requires_grad and not any(v.requires_grad for v in losses[1:])
-    for value, ref in zip(losses, ref_values, strict=True):
+    assert losses.z == 0  # no z-loss asked for
+    for value, ref in zip(losses[:4], ref_values, strict=True):
         assert value.dtype == torch.float32 and value.ndim == 0
         # fp32 arithmetic on exactly representable inputs, whatever their dtype
         torch.testing.assert_close(value.double(), ref, rtol=2e-6, atol=0)
@@ -105,6 +106,48 @@ def test_alpha_zero_is_cross_entropy_bit_for_bit(dtype: torch.dtype, monkeypatch
     assert torch.equal(losses.total, ce.detach()) and torch.equal(losses.ce, ce.detach())
     assert torch.equal(grad, leaf.grad)
     assert losses.kd > 0  # still measured
+
+
+def _z_term(student: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean log(Z)**2 of the counted rows, and its gradient, in fp64."""
+    s = student.double().requires_grad_()
+    z = torch.logsumexp(s, dim=-1)[targets != -100].square().mean()
+    z.backward()
+    assert s.grad is not None
+    return z.detach(), s.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("z_loss", [1e-4, 1e-2])
+@pytest.mark.parametrize(("alpha", "top_k"), [(0.7, 0), (0.7, 5), (1.0, 5), (0.0, 0)])
+def test_z_loss_adds_the_students_z_term(
+    dtype: torch.dtype, z_loss: float, alpha: float, top_k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(loss_module._CHUNK_BYTES, "cpu", 4 * VOCAB * 7)
+    student, teacher, targets = _case(dtype)
+    student = student + 4  # log(Z) around 10: the z term and its gradient are far from 0
+    ref_total, ref_ce, ref_kd, ref_teacher_ce, ref_grad = _reference(
+        student, teacher, targets, alpha, 2.0, "forward_kl", top_k
+    )
+    ref_z, ref_z_grad = _z_term(student, targets)
+    kwargs = {"alpha": alpha, "temperature": 2.0, "top_k": top_k}
+    losses, grad = _run(student, teacher, targets, scale=3.0, z_loss=z_loss, **kwargs)
+    expected = (ref_total + z_loss * ref_z, ref_ce, ref_kd, ref_teacher_ce, ref_z)
+    for value, ref in zip(losses, expected, strict=True):
+        torch.testing.assert_close(value.double(), ref, rtol=2e-6, atol=0)
+    # the parts are those of the run without z-loss, bit for bit
+    plain, _ = _run(student, teacher, targets, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(losses[1:4], plain[1:4], strict=True))
+    rtol = {torch.float32: 2e-5, torch.bfloat16: 2**-8}[dtype]
+    torch.testing.assert_close(grad.double(), 3.0 * (ref_grad + z_loss * ref_z_grad), rtol=rtol, atol=1e-8)
+    assert torch.all(grad[targets == -100] == 0)
+
+
+def test_bad_z_loss_is_a_clear_error() -> None:
+    student, teacher, targets = _case(torch.float32)
+    for z_loss in (-1e-4, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="z_loss must be a finite number >= 0"):
+            distill_loss(student, teacher, targets, alpha=0.5, z_loss=z_loss)
 
 
 def test_alpha_one_sends_no_cross_entropy_gradient() -> None:

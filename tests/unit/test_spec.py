@@ -77,6 +77,11 @@ def test_wrong_type_is_named() -> None:
         ({"train": {"max_steps": 10, "max_tokens": 1000}}, "train.max_steps"),
         ({"model": {"preset": "gpt-17"}}, "model.preset"),
         ({"optim": {"lr": 1e-4, "min_lr": 1e-3}}, "optim.min_lr"),
+        ({"optim": {"z_loss": -1e-4}}, "optim.z_loss"),
+        ({"optim": {"z_loss": "nan"}}, "optim.z_loss"),
+        ({"optim": {"z_loss": "inf"}}, "optim.z_loss"),
+        ({"optim": {"z_loss": "small"}}, "optim.z_loss"),
+        ({"optim": {"z_loss": [1e-4]}}, "optim.z_loss"),
     ],
 )
 def test_cross_field_rules_name_the_field(sections: dict, field: str) -> None:
@@ -383,3 +388,28 @@ def test_bad_val_name_exits_2_with_the_field(tmp_path: Path) -> None:
     res = run_cli("config", "validate", str(spec))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "data.val.list[ValSource].0.name: cannot be a metric key" in res.stderr and "'web site'" in res.stderr
+
+
+# --- optim.z_loss: off by default, older specs resume
+
+
+def test_z_loss_is_off_by_default_and_older_specs_resume() -> None:
+    spec = load_spec("tiny")
+    assert spec.optim.z_loss == 0.0
+    saved = spec_to_dict(spec)
+    del saved["optim"]["z_loss"]  # a spec.yaml written before the field existed
+    assert spec_changes(saved, spec_to_dict(spec)) == ([], [])
+    # turning it on when resuming bends the loss curve but breaks nothing: a warning
+    on = spec_to_dict(load_spec("tiny", ["optim.z_loss=1e-4"]))
+    assert spec_changes(saved, on) == (["optim.z_loss: 0.0 -> 0.0001"], [])
+
+
+def test_z_loss_combines_with_distill(tmp_path: Path) -> None:
+    spec = load_spec("tiny", [f"distill.teacher={tmp_path}", "optim.z_loss=1e-4"])
+    assert spec.optim.z_loss == 1e-4 and spec.distill is not None
+
+
+def test_cli_validate_names_a_bad_z_loss() -> None:
+    bad = run_cli("config", "validate", "tiny", "--set", "optim.z_loss=-1")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "optim.z_loss: Input should be greater than or equal to 0" in bad.stderr
