@@ -107,7 +107,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # ce's own tensor when z_loss is 0, so that path is today's arithmetic exactly
         loss = ce + z_loss * z if z_loss else ce.clone()
         # the backward needs log(Z) per row: [N] fp32, small next to the logits
-        lse_all = torch.cat(lse_rows) if z_loss else z_total
+        lse_all = torch.cat(lse_rows) if z_loss else z_total.new_empty(0)  # nothing saved without z-loss
         ctx.save_for_backward(logits, safe_targets, valid, count, lse_all)
         ctx.rows, ctx.z_loss, ctx.overwrite = rows, z_loss, overwrite
         ctx.mark_non_differentiable(ce, z)
