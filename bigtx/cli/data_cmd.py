@@ -8,8 +8,23 @@ import os
 from bigtx.cli.common import UserError
 
 
+def _build_options(args: argparse.Namespace) -> dict:
+    """The options ``data build`` passes alike to a whole build and to one part (a part records them,
+    and merge checks that every part had the same). Raises ``DataError`` for a bad ``--shard-size``."""
+    from bigtx.data.build import parse_size
+
+    return {
+        "shard_size": None if args.shard_size is None else parse_size(args.shard_size),
+        "val_fraction": args.val_fraction,
+        "workers": args.workers,
+        "text_field": args.text_field,
+        "overwrite": args.overwrite,
+        "progress": False if args.no_progress else None,
+    }
+
+
 def _build(args: argparse.Namespace) -> int:
-    from bigtx.data.build import build_shards, parse_size, summary
+    from bigtx.data.build import build_shards, summary
     from bigtx.data.errors import DataError
 
     if args.part is not None:
@@ -19,12 +34,7 @@ def _build(args: argparse.Namespace) -> int:
             args.input,
             args.tokenizer,
             args.out,
-            shard_size=None if args.shard_size is None else parse_size(args.shard_size),
-            val_fraction=args.val_fraction,
-            workers=args.workers,
-            text_field=args.text_field,
-            overwrite=args.overwrite,
-            progress=False if args.no_progress else None,
+            **_build_options(args),
         )
     except DataError as exc:
         raise UserError(str(exc)) from None
@@ -34,7 +44,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _build_part(args: argparse.Namespace) -> int:
-    from bigtx.data.build import parse_size
     from bigtx.data.errors import DataError
     from bigtx.data.parts import build_part, parse_part
 
@@ -46,12 +55,7 @@ def _build_part(args: argparse.Namespace) -> int:
             args.out,
             part,
             parts,
-            shard_size=None if args.shard_size is None else parse_size(args.shard_size),
-            val_fraction=args.val_fraction,
-            workers=args.workers,
-            text_field=args.text_field,
-            overwrite=args.overwrite,
-            progress=False if args.no_progress else None,
+            **_build_options(args),
         )
     except DataError as exc:
         raise UserError(str(exc)) from None
