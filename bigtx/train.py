@@ -467,18 +467,21 @@ class LogWindow:
     teacher: float = 0.0
     tokens: int = 0
 
-    def add(self, losses: list[float], step_time: float, result: StepResult, tokens: int) -> None:
-        """Add a step: ``losses`` as ``reduce_step`` returns them, its time, ``train_step``'s result."""
+    def add(
+        self, losses: list[float], step_time: float, result: StepResult, tokens: int, parts: Sequence[str]
+    ) -> None:
+        """Add a step: ``losses`` as ``reduce_step`` returns them (the loss, then the values ``parts``
+        names: ``loss_parts``), its time, ``train_step``'s result."""
         self.loss += losses[0]
         self.steps += 1
-        # the parts' count tells the kinds apart (StepResult.losses): z-loss [ce, z], distill
-        # [ce, kd, teacher_ce], both [ce, kd, teacher_ce, z]
-        parts = losses[1:]
-        if len(parts) >= 3:
-            self.distill = [total + value for total, value in zip(self.distill or [0.0] * 3, parts[:3])]
+        named = dict(zip(parts, losses[1:], strict=True))
+        if "kd_loss" in named:
+            step = (named["ce_loss"], named["kd_loss"], named["teacher_ce"])
+            self.distill = [total + value for total, value in zip(self.distill or [0.0] * 3, step)]
             self.distill_steps += 1
-        if len(parts) in (2, 4):
-            self.z_loss = [total + value for total, value in zip(self.z_loss or [0.0] * 2, (parts[0], parts[-1]))]
+        if "z_loss" in named:
+            step = (named["ce_loss"], named["z_loss"])
+            self.z_loss = [total + value for total, value in zip(self.z_loss or [0.0] * 2, step)]
             self.z_steps += 1
         self.timed += 1
         self.time += step_time
@@ -681,6 +684,7 @@ def fit(
     bar = ProgressBar(job, progress)
     batches = iter(job.train_loader)
     saved = SaveClock(progress.step)
+    parts = loss_parts(spec)
     while progress.step < total:
         beat.step(progress.step + 1)
         lr = lr_at(progress.step, total, spec.optim, spec.schedule)
@@ -694,7 +698,7 @@ def fit(
         if not math.isfinite(loss):
             log.error("step %d: loss is %s; stopping (lower optim.lr or use bf16)", progress.step, loss)
             return EXIT_ERROR
-        window.add(losses, time.perf_counter() - t_step, result, job.tokens_per_step)
+        window.add(losses, time.perf_counter() - t_step, result, job.tokens_per_step, parts)
         if due(progress.step, spec.train.log_every) or progress.step == total:
             metrics.log(metrics_record(job, progress, window, loss, lr))
             window = LogWindow()

@@ -187,22 +187,25 @@ def test_train_preflight_checks_the_teacher_before_any_process_group(tmp_path: P
         train.preflight(load_spec("tiny", [f"distill.teacher={teacher}", f"distill.source={tmp_path}"]), env)
 
 
+DISTILL_PARTS = ("ce_loss", "kd_loss", "teacher_ce")  # train.loss_parts of a distill run
+
+
 def test_the_metrics_window_saves_the_distill_sums_and_resumes_an_older_checkpoint() -> None:
     result = train.StepResult(torch.zeros(4), 0.0, 0.0, TeacherClock())
     window = train.LogWindow()
     for losses in ([1.25, 1.5, 0.5, 2.0], [0.75, 1.0, 0.25, 1.75]):
-        window.add(losses, 0.1, result, 8)
+        window.add(losses, 0.1, result, 8, DISTILL_PARTS)
     # as a checkpoint's meta.json carries it
     resumed = train.LogWindow.restored(json.loads(json.dumps(window.saved())))
     assert (resumed.loss, resumed.steps, resumed.distill, resumed.distill_steps) == (2.0, 2, [2.5, 0.75, 3.75], 2)
     # a checkpoint from before the parts were logged: they average the steps after the resume
     older = train.LogWindow.restored({"loss": 2.0, "steps": 2})
     assert older.distill is None
-    older.add([0.5, 0.25, 1.0, 3.0], 0.1, result, 8)
+    older.add([0.5, 0.25, 1.0, 3.0], 0.1, result, 8, DISTILL_PARTS)
     assert (older.loss, older.steps, older.distill, older.distill_steps) == (2.5, 3, [0.25, 1.0, 3.0], 1)
     # a plain run's window saves what it always did
     plain = train.LogWindow()
-    plain.add([1.5], 0.1, result, 8)
+    plain.add([1.5], 0.1, result, 8, ())
     assert plain.saved() == {"loss": 1.5, "steps": 1}
 
 

@@ -53,14 +53,14 @@ def test_the_metrics_window_saves_the_z_sums_and_resumes_an_older_checkpoint() -
     result = train.StepResult(torch.zeros(3), 0.0, 0.0, TeacherClock())
     window = train.LogWindow()
     for losses in ([2.5, 2.25, 25.0], [2.0, 1.75, 25.0]):
-        window.add(losses, 0.1, result, 8)
+        window.add(losses, 0.1, result, 8, ("ce_loss", "z_loss"))
     # as a checkpoint's meta.json carries it
     resumed = train.LogWindow.restored(json.loads(json.dumps(window.saved())))
     assert (resumed.loss, resumed.steps, resumed.z_loss, resumed.z_steps) == (4.5, 2, [4.0, 50.0], 2)
     assert resumed.distill is None
     # a checkpoint from before the z parts were logged: they average the steps after the resume
     older = train.LogWindow.restored({"loss": 2.0, "steps": 2})
-    older.add([1.5, 1.25, 25.0], 0.1, result, 8)
+    older.add([1.5, 1.25, 25.0], 0.1, result, 8, ("ce_loss", "z_loss"))
     assert (older.loss, older.steps, older.z_loss, older.z_steps) == (3.5, 3, [1.25, 25.0], 1)
 
 
@@ -68,7 +68,7 @@ def test_the_metrics_window_of_distill_with_z_loss_keeps_both_sums() -> None:
     result = train.StepResult(torch.zeros(5), 0.0, 0.0, TeacherClock())
     window = train.LogWindow()
     for losses in ([2.5, 2.25, 0.5, 3.0, 25.0], [2.0, 1.75, 0.25, 2.75, 24.0]):
-        window.add(losses, 0.1, result, 8)
+        window.add(losses, 0.1, result, 8, ("ce_loss", "kd_loss", "teacher_ce", "z_loss"))
     resumed = train.LogWindow.restored(json.loads(json.dumps(window.saved())))
     assert (resumed.loss, resumed.steps) == (4.5, 2)
     assert (resumed.distill, resumed.distill_steps) == ([4.0, 0.75, 5.75], 2)
