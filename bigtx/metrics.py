@@ -21,11 +21,39 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def _complete_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each finished line of a metrics file with its record. The text after the last newline is left out:
+    it is a line a live run is still writing, or one a killed run cut short."""
+    finished = path.read_text(errors="replace").split("\n")[:-1]
+    pairs = []
+    for number, line in enumerate(finished, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            record = e.msg
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(
+                f"{path}:{number}: not a metrics record (a JSON object with an integer 'step'): {line[:80]!r}; "
+                "delete or repair that line"
+            )
+        pairs.append((line, record))
+    return pairs
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, also while a run is appending to it; ValueError naming the file
+    and line for a line that is not a record."""
+    return [record for _, record in _complete_lines(path)]
+
+
 def truncate_after(path: Path, step: int) -> None:
-    """Drop lines logged after ``step`` (a resumed run re-logs them from its checkpoint)."""
+    """Drop lines logged after ``step`` (a resumed run re-logs them from its checkpoint), and a last line
+    a killed run left unfinished."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line, record in _complete_lines(path) if record["step"] <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

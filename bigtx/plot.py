@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from bigtx.metrics import read_records
 
 # (title, key, log scale) of the four panels; validation losses and distillation's CE and KD join the loss panel
 PANELS = [
@@ -18,7 +19,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a bigtx run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_records(path)
 
 
 def val_lines(records: list[dict], x_axis: str = "step") -> dict[str, list[tuple[float, float]]]:

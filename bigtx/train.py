@@ -467,9 +467,7 @@ class LogWindow:
     teacher: float = 0.0
     tokens: int = 0
 
-    def add(
-        self, losses: list[float], step_time: float, result: StepResult, tokens: int, parts: Sequence[str]
-    ) -> None:
+    def add(self, losses: list[float], step_time: float, result: StepResult, tokens: int, parts: Sequence[str]) -> None:
         """Add a step: ``losses`` as ``reduce_step`` returns them (the loss, then the values ``parts``
         names: ``loss_parts``), its time, ``train_step``'s result."""
         self.loss += losses[0]

@@ -27,4 +27,3 @@ def no_process_left_behind() -> Iterator[None]:
 def byte_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards of real text (stdlib sources) with the built-in byte tokenizer, via `bigtx data build`."""
     return build_byte_shards(tmp_path_factory.mktemp("shards") / "byte")
-

@@ -7,7 +7,6 @@ test can signal or SIGKILL individual ranks. ``deepspeed_launch`` goes through t
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigtx.distributed import free_port
+from bigtx.metrics import read_records
 from tools.local_ranks import spawn_local
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +33,23 @@ def corpus_files(limit: int = 120) -> list[Path]:
 
 def build_byte_shards(out: Path) -> Path:
     """Shards of ``corpus_files()`` with the built-in byte tokenizer, via `bigtx data build` (deterministic)."""
-    cmd = [sys.executable, "-m", "bigtx", "data", "build", "--input", *map(str, corpus_files()),
-           "--tokenizer", "byte", "--out", str(out), "--shard-size", "200KB", "--val-fraction", "0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bigtx",
+        "data",
+        "build",
+        "--input",
+        *map(str, corpus_files()),
+        "--tokenizer",
+        "byte",
+        "--out",
+        str(out),
+        "--shard-size",
+        "200KB",
+        "--val-fraction",
+        "0.1",
+    ]
     subprocess.run(cmd, check=True, env=base_env(), cwd=REPO, capture_output=True)
     return out
 
@@ -123,7 +138,8 @@ def kill_after(run: Run, path: Path) -> None:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """The finished lines of a run's metrics.jsonl (the run may still be writing its last one)."""
+    return read_records(run_dir / "metrics.jsonl")
 
 
 def train_records(run_dir: Path) -> dict[int, dict]:
@@ -134,11 +150,21 @@ def train_records(run_dir: Path) -> dict[int, dict]:
 def deepspeed_launch(spec: str, overrides: list[str], nproc: int, log: Path, timeout: float = 300) -> int:
     """Run through the real `deepspeed` launcher, as users do; returns its exit code."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", "bigtx.train",
-           spec, *(f"--set={o}" for o in overrides)]
+    cmd = [
+        str(deepspeed),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "bigtx.train",
+        spec,
+        *(f"--set={o}" for o in overrides),
+    ]
     with log.open("w") as out:
-        return subprocess.run(cmd, env=base_env(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                              timeout=timeout).returncode
+        return subprocess.run(
+            cmd, env=base_env(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO, timeout=timeout
+        ).returncode
 
 
 # multiprocessing's own helpers started by the test process itself; they end with it

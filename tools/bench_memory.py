@@ -88,16 +88,37 @@ def measure(checkout: Path, ranks: int, steps: int, shards: Path, work: Path, ex
 
 def num_params(checkout: Path, extra: list[str]) -> int:
     code = "import sys; from bigtx.config import load_spec; print(load_spec('tiny', sys.argv[1:]).model.num_params())"
-    out = subprocess.run([sys.executable, "-c", code, *MODEL, *extra], env={**os.environ, **checkout_env(checkout)},
-                         cwd=checkout, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *MODEL, *extra],
+        env={**os.environ, **checkout_env(checkout)},
+        cwd=checkout,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return int(out.stdout)
 
 
 def build_shards(work: Path) -> Path:
     files = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:100]
     out = work / "shards"
-    cmd = [sys.executable, "-m", "bigtx", "data", "build", "--input", *files, "--tokenizer", "byte",
-           "--out", str(out), "--val-fraction", "0.05", "--shard-size", "500KB"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bigtx",
+        "data",
+        "build",
+        "--input",
+        *files,
+        "--tokenizer",
+        "byte",
+        "--out",
+        str(out),
+        "--val-fraction",
+        "0.05",
+        "--shard-size",
+        "500KB",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
     return out
 
@@ -107,8 +128,14 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--checkout", type=Path, default=REPO, help="the bigtx checkout to measure (default: this one)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra spec override (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra spec override (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench_memory.json"))
     args = parser.parse_args()
     checkout = args.checkout.resolve()
@@ -125,18 +152,35 @@ def main() -> None:
             peaks = measure(checkout, ranks, args.steps, shards, work, args.overrides)
             states = BYTES_PER_PARAM * params / ranks
             peak = max(peaks)
-            rows.append({"ranks": ranks, "peak_rss_per_rank": peaks, "peak_bytes": peak,
-                         "states_per_rank_bytes": states, "ratio": (peak - base) / states})
-    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    result = {"checkout": str(checkout), "commit": commit, "params": params, "baseline_bytes": base,
-              "steps": args.steps, "overrides": MODEL + args.overrides, "rows": rows}
+            rows.append(
+                {
+                    "ranks": ranks,
+                    "peak_rss_per_rank": peaks,
+                    "peak_bytes": peak,
+                    "states_per_rank_bytes": states,
+                    "ratio": (peak - base) / states,
+                }
+            )
+    commit = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    result = {
+        "checkout": str(checkout),
+        "commit": commit,
+        "params": params,
+        "baseline_bytes": base,
+        "steps": args.steps,
+        "overrides": MODEL + args.overrides,
+        "rows": rows,
+    }
     print(f"{checkout} ({commit}): {params / 1e6:.0f}M parameters, baseline (imports) {base / 1e9:.2f} GB")
     print("| ranks | peak per rank | states per rank | (peak - baseline) / states |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['ranks']} | {r['peak_bytes'] / 1e9:.2f} GB | {r['states_per_rank_bytes'] / 1e9:.2f} GB "
-              f"| {r['ratio']:.2f}x |")
+        print(
+            f"| {r['ranks']} | {r['peak_bytes'] / 1e9:.2f} GB | {r['states_per_rank_bytes'] / 1e9:.2f} GB "
+            f"| {r['ratio']:.2f}x |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

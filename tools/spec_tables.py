@@ -1,7 +1,7 @@
 """Regenerate the run-spec field tables in README.md from the pydantic models.
 
-    python tools/spec_tables.py          # rewrite README.md
-    python tools/spec_tables.py --check  # exit 1 if README.md is out of date
+python tools/spec_tables.py          # rewrite README.md
+python tools/spec_tables.py --check  # exit 1 if README.md is out of date
 """
 
 from __future__ import annotations

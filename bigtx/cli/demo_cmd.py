@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from bigtx.cli.common import UserError
+from bigtx.metrics import read_records
 
 BIGTX = [sys.executable, "-m", "bigtx"]
 
@@ -82,8 +83,7 @@ def unigram_entropy(shards: Path) -> float:
 
 
 def last_val_loss(run_dir: Path) -> float:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r["val_loss"] for r in lines if "val_loss" in r][-1]
+    return [r["val_loss"] for r in read_records(run_dir / "metrics.jsonl") if "val_loss" in r][-1]
 
 
 def demo_precision(choice: str) -> str:

@@ -15,7 +15,7 @@ def _plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else runs[0] / "curves.png"
     try:
         plot_runs(runs, out, args.x)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
     print(out)
     return 0

@@ -88,8 +88,21 @@ def show_deepspeed(bigtx: list[str], base: str, cwd: Path, env: dict[str, str] |
 
 
 def render_sbatch(bigtx: list[str], run_dir: Path, cwd: Path) -> str:
-    check([*bigtx, "launch", "slurm", "tiny", "--nodes", "2", "--gpus-per-node", "1", "--no-gres",
-           f"--set=run.dir={run_dir}"], cwd)
+    check(
+        [
+            *bigtx,
+            "launch",
+            "slurm",
+            "tiny",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "1",
+            "--no-gres",
+            f"--set=run.dir={run_dir}",
+        ],
+        cwd,
+    )
     return (run_dir / "launch" / "bigtx-tiny.sbatch").read_text()
 
 
@@ -115,8 +128,22 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_ships_its_files_and_runs_from_anywhere(sources: Path, tmp_path: Path) -> None:
     dist = tmp_path / "dist"
-    check([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-           ".", "-w", dist], sources)
+    check(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            ".",
+            "-w",
+            dist,
+        ],
+        sources,
+    )
     (wheel,) = dist.glob("bigtx-*.whl")
 
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if not n.split("/")[0].endswith(".dist-info")}

@@ -13,8 +13,10 @@ from bigtx.plot import read_metrics, val_lines
 
 def fake_run(path: Path, scale: float) -> Path:
     path.mkdir()
-    lines = [{"step": s, "loss": scale * 5 / s, "lr": 1e-3, "tokens_per_s": 1000.0, "grad_norm": 1.0 / s,
-              "tokens": 512 * s} for s in range(1, 21)]
+    lines = [
+        {"step": s, "loss": scale * 5 / s, "lr": 1e-3, "tokens_per_s": 1000.0, "grad_norm": 1.0 / s, "tokens": 512 * s}
+        for s in range(1, 21)
+    ]
     lines.append({"step": 20, "val_loss": scale * 0.3, "val_ppl": 1.3})
     path.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return path

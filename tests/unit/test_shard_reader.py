@@ -233,7 +233,7 @@ def test_npy_variants_read_like_np_load(descr, version, fortran):
     dtype = np.dtype(descr.decode())
     values = np.array([1, 2, 3]).astype(dtype)
     header = GOOD.replace(b"<u2", descr).replace(b"False", fortran)
-    payload = npy_header(header, version)[: -6] + values.tobytes()
+    payload = npy_header(header, version)[:-6] + values.tobytes()
     got = _npy_ids(payload, 0, len(payload))
     expected = np.load(io.BytesIO(payload))
     assert got.dtype.isnative and got.dtype.kind == dtype.kind and got.dtype.itemsize == dtype.itemsize
