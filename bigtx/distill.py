@@ -2,10 +2,11 @@
 
 ``open_teacher`` reads only what describes the teacher (its spec, tokenizer, tensor names and
 shapes) and refuses one that cannot teach this student: another vocabulary, another tokenizer or a
-shorter context. It runs before any process group starts. ``bigtx.export.open_model(source, dtype,
-device)`` then reads the weights into a ``Transformer`` in the student's dtype, in eval mode, with no
-parameter requiring gradients (and no optimizer); ``teacher_logits`` runs its forward, and a
-``TeacherClock`` times it for the metrics.
+shorter context. It runs before any process group starts. A replicated teacher is then read whole
+into a ``Transformer`` on every rank by ``bigtx.export.open_model(source, dtype, device)``; a sharded
+one (``distill.placement``) is partitioned over the ranks by ``sharded_teacher``. Either is in the
+student's dtype, in eval mode, with no parameter requiring gradients and no optimizer;
+``teacher_logits`` runs its forward, and a ``TeacherClock`` times it for the metrics.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from bigtx import zero3
 from bigtx.checkpoint import CheckpointError
 from bigtx.config import DataSection, SpecError
 from bigtx.data.tokenizer import ByteTokenizer, load_tokenizer
@@ -90,8 +93,30 @@ def _teacher_tokenizer(source: WeightSource) -> tuple[str, str]:
     return str(found), hashlib.sha256(found.read_bytes()).hexdigest()
 
 
+def sharded_teacher(source: WeightSource, ds_config: dict[str, Any], rank: int, world_size: int) -> nn.Module:
+    """``source``'s weights partitioned over the ranks, in a DeepSpeed ZeRO-3 engine with no optimizer.
+
+    Built inside ``deepspeed.zero.Init`` with ``ds_config`` (``derive_teacher_config``: its dtype and
+    parameter offload), so no rank ever holds the whole teacher; each weight is read by one rank and
+    scattered while it is gathered (``bigtx.zero3.write_parameters``). The engine's forward gathers each
+    layer's weights as it runs and frees them after, the way ZeRO-3 trains; every rank must call it
+    together. Its values equal ``open_model``'s for the same source and dtype.
+    """
+    import deepspeed
+
+    cfg = source.spec.model.model_copy(update={"compile": False, "dropout": 0.0, "activation_checkpointing": "none"})
+    with zero3.partitioned_construction(ds_config, enabled=True):
+        model = Transformer(cfg)
+    model.refill_buffers()
+    zero3.write_parameters(model, lambda name, shape: source.read(name), rank, world_size)
+    model.eval().requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+    return engine
+
+
 @torch.no_grad()
-def teacher_logits(teacher: Transformer, input_ids: Tensor) -> Tensor:
+def teacher_logits(teacher: nn.Module, input_ids: Tensor) -> Tensor:
     """The teacher's logits [B, T, V] for ``input_ids`` [B, T], in its dtype, with no autograd history.
 
     ``no_grad`` rather than ``inference_mode``: ``distill_loss`` saves these logits for its backward,

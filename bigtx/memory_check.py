@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from bigtx.config import RunSpec
+from bigtx.config import ModelSection, RunSpec
 from bigtx.config.memory_plan import Cluster, gb, plan
 
 
@@ -20,9 +20,14 @@ def host_memory() -> int:
 
 
 def memory_report(
-    spec: RunSpec, world_size: int, local_world_size: int, zero_config: Mapping[str, Any] | None
+    spec: RunSpec,
+    world_size: int,
+    local_world_size: int,
+    zero_config: Mapping[str, Any] | None,
+    teacher: ModelSection | None = None,
 ) -> tuple[str, str | None]:
-    """(summary line, warning or None) for ``spec`` on ``world_size`` ranks, ``local_world_size`` per node.
+    """(summary line, warning or None) for ``spec`` on ``world_size`` ranks, ``local_world_size`` per node
+    (``teacher``: the model section of its distillation teacher, counted too).
 
     With CUDA the cluster has this machine's GPU memory (device 0) and host memory. On the CPU there is
     no GPU to check: each rank's device figures live in the host's memory too, so the host check counts
@@ -33,12 +38,12 @@ def memory_report(
     host = host_memory()
     if torch.cuda.is_available():
         cluster = Cluster(nodes, per_node, torch.cuda.get_device_properties(0).total_memory, host)
-        result = plan(spec, cluster, zero_config, suggest=False)
+        result = plan(spec, cluster, zero_config, suggest=False, teacher=teacher)
         summary = result.summary()
         fits = result.fits
     else:
         cluster = Cluster(nodes, per_node, host, host)
-        result = plan(spec, cluster, zero_config, suggest=False, device="cpu")
+        result = plan(spec, cluster, zero_config, suggest=False, device="cpu", teacher=teacher)
         needed = result.per_gpu.total * per_node + result.per_node_host.total
         fits = needed <= host
         summary = (

@@ -39,10 +39,10 @@ import bigtx
 from bigtx import checkpoint, distributed, heartbeat, lifetime, zero3
 from bigtx.checkpoint.resume import FINISHED, ResumePlan, plan_resume
 from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash, spec_to_dict
-from bigtx.config.deepspeed_config import derive_deepspeed_config
+from bigtx.config.deepspeed_config import derive_deepspeed_config, derive_teacher_config
 from bigtx.config.layout import check_layout
 from bigtx.data import DataError, build_loader, build_val_loaders, check_data
-from bigtx.distill import TeacherClock, open_teacher, teacher_logits
+from bigtx.distill import TeacherClock, open_teacher, sharded_teacher, teacher_logits
 from bigtx.distributed import EXIT_ERROR, EXIT_FINISHED, EXIT_REQUEUE, EXIT_USAGE, DistEnv
 from bigtx.export import open_model
 from bigtx.export.types import DTYPES
@@ -75,10 +75,11 @@ def preflight(spec: RunSpec, env: DistEnv) -> dict[str, Any]:
 
     Raises ``SpecError``/``DataError``/``ValueError`` with a message naming the field or variable.
     """
+    teacher = None
     if spec.distill is not None:
         if spec.distill.source != "online":
             raise SpecError(["distill.source: cached teacher logits are not read yet; use online"])
-        open_teacher(spec.distill.teacher, spec.data, spec.model.vocab_size)
+        teacher = open_teacher(spec.distill.teacher, spec.data, spec.model.vocab_size).spec.model
     try:
         ds_config = derive_deepspeed_config(spec, env.world_size)
         check_layout(spec.zero, env.world_size, env.local_world_size, torch.cuda.is_available())
@@ -91,7 +92,8 @@ def preflight(spec: RunSpec, env: DistEnv) -> dict[str, Any]:
     check_data(spec.data, spec.model.vocab_size, env.world_size)
     if env.is_main:
         # before anything is built: a run that will not fit says so while it is cheap to change
-        summary, warning = memory_report(spec, env.world_size, env.local_world_size, ds_config["zero_optimization"])
+        zero = ds_config["zero_optimization"]
+        summary, warning = memory_report(spec, env.world_size, env.local_world_size, zero, teacher)
         print(f"bigtx: {summary}", flush=True)
         if warning:
             print(f"bigtx: warning: {warning}", file=sys.stderr, flush=True)
@@ -190,7 +192,7 @@ class Job:
     global_batch: int
     total_steps: int
     device: torch.device
-    teacher: Transformer | None = None  # distill: frozen, replicated on every rank
+    teacher: torch.nn.Module | None = None  # distill: frozen; a Transformer, or a ZeRO-3 engine (sharded)
 
     @property
     def tokens_per_step(self) -> int:
@@ -261,7 +263,11 @@ def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePl
     teacher = None
     if spec.distill is not None:
         source = open_teacher(spec.distill.teacher, spec.data, spec.model.vocab_size)
-        teacher = open_model(source, DTYPES[spec.precision], distributed.device(env))
+        if spec.distill.sharded(spec.zero.stage):
+            teacher = sharded_teacher(source, derive_teacher_config(ds_config), env.rank, env.world_size)
+            log.info("teacher %s partitioned over %d ranks (ZeRO-3, no optimizer)", source.describe(), env.world_size)
+        else:
+            teacher = open_model(source, DTYPES[spec.precision], distributed.device(env))
     return Job(
         spec,
         env,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from bigtx.config import RunSpec, SpecError, load_spec
+from bigtx.config import ModelSection, RunSpec, SpecError, load_spec
 
 USAGE_ERROR = 2
 
@@ -17,6 +17,16 @@ class UserError(Exception):
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     return load_spec(args.spec, args.overrides)
+
+
+def teacher_model(spec: RunSpec) -> ModelSection | None:
+    """The model section of the spec's ``distill.teacher``, or None without distillation; ``SpecError``
+    when the teacher cannot teach this student (``bigtx.distill.open_teacher``)."""
+    if spec.distill is None:
+        return None
+    from bigtx.distill import open_teacher  # reads weights' metadata: only for specs that distill
+
+    return open_teacher(spec.distill.teacher, spec.data, spec.model.vocab_size).spec.model
 
 
 def fail(message: str, code: int = USAGE_ERROR) -> NoReturn:

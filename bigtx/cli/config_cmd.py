@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from bigtx.cli.common import UserError, spec_from_args
+from bigtx.cli.common import UserError, spec_from_args, teacher_model
 from bigtx.config import RunSpec, add_spec_args, preset_names, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.memory_check import memory_report
@@ -59,7 +59,7 @@ def _show(args: argparse.Namespace) -> int:
     }
     print(yaml.safe_dump(out, sort_keys=False), end="")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", ws))
-    summary, _ = memory_report(spec, ws, local, ds["zero_optimization"])
+    summary, _ = memory_report(spec, ws, local, ds["zero_optimization"], teacher_model(spec))
     print(f"# {summary}")  # a comment: the output stays valid YAML
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bigtx.cli.common import UserError, spec_from_args
+from bigtx.cli.common import UserError, spec_from_args, teacher_model
 from bigtx.config import add_spec_args
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.memory_plan import CATEGORIES, Cluster, Plan, plan
@@ -49,6 +49,8 @@ def render(result: Plan, title: str) -> str:
     ]
     gpu, host = result.per_gpu, result.per_node_host
     for name in CATEGORIES:
+        if name == "teacher" and not gpu.teacher:
+            continue  # no online distillation teacher
         lines.append(f"{name:14}{_gb(getattr(gpu, name)):>14}{_gb(getattr(host, name)):>16}")
     lines.append(f"{'build (peak)':14}{'-':>14}{_gb(host.build):>16}")
     lines.append(f"{'total':14}{_gb(gpu.total):>14}{_gb(host.total):>16}")
@@ -80,7 +82,7 @@ def _plan(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     try:
         zero = derive_deepspeed_config(spec, cluster.world_size)["zero_optimization"]
-        result = plan(spec, cluster, zero)
+        result = plan(spec, cluster, zero, teacher=teacher_model(spec))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.json:

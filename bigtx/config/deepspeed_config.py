@@ -173,3 +173,21 @@ def derive_deepspeed_config(spec: RunSpec, world_size: int, load_universal: bool
         cfg["zero_optimization"].setdefault("reduce_bucket_size", ZERO3_REDUCE_BUCKET)
     cfg["checkpoint"] = {**base.get("checkpoint", {}), "load_universal": load_universal}
     return cfg
+
+
+def derive_teacher_config(student: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config of a sharded distillation teacher, from the student's derived ``student``
+    config: ZeRO-3 with no optimizer (DeepSpeed then builds its inference-only ``DeepSpeedZeRoOffload``),
+    in the student's precision, with the student's ZeRO-3 settings (parameter offload, hpZ, buckets)
+    when it runs ZeRO-3 itself."""
+    zero = dict(student["zero_optimization"]) if student["zero_optimization"]["stage"] == 3 else {}
+    zero.pop("offload_optimizer", None)
+    zero.update(stage=3, memory_efficient_linear=False)
+    zero.setdefault("offload_param", {"device": "none"})
+    keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16")
+    return {
+        **{k: student[k] for k in keep},
+        "zero_optimization": zero,
+        "steps_per_print": _QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }

@@ -37,7 +37,7 @@ STAGE0_ALLREDUCE_BUCKET = 500_000_000
 # bigtx.model.loss: one fp32 chunk of logits (two such temporaries live at once)
 LOSS_CHUNK_BYTES = {"cpu": 2 * 2**20, "cuda": 256 * 2**20}
 
-CATEGORIES = ("params", "grads", "optimizer", "activations", "buffers")
+CATEGORIES = ("params", "grads", "optimizer", "activations", "buffers", "teacher")
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class Memory:
     optimizer: int = 0
     activations: int = 0
     buffers: int = 0
+    teacher: int = 0  # an online distillation teacher: weights, forward and logits
     build: int = 0  # host only: peak while the model is built, before DeepSpeed takes over
 
     @property
@@ -75,7 +76,8 @@ class Memory:
         return max(sum(getattr(self, c) for c in CATEGORIES), self.build)
 
     def to_dict(self, with_build: bool) -> dict[str, int]:
-        out = {c: getattr(self, c) for c in CATEGORIES}
+        # "teacher" only for a run with an online distillation teacher
+        out = {c: getattr(self, c) for c in CATEGORIES if c != "teacher" or self.teacher}
         if with_build:
             out["build"] = self.build
         out["total"] = self.total
@@ -299,6 +301,35 @@ def activation_bytes(m: ModelSection, micro_batch: int, seq_len: int, precision:
     return max(end_of_forward, in_backward)
 
 
+def teacher_bytes(
+    t: ModelSection,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    sharded: bool,
+    world_size: int,
+    zero_config: Mapping[str, Any] | None = None,
+) -> int:
+    """Per-rank bytes of an online distillation teacher ``t`` (an estimate, not yet checked against
+    measured peaks): its weights in the run's precision (sharded: a 1/world_size partition, the module
+    being computed gathered whole and the small parameters ZeRO-3 keeps whole), one layer's tensors at a
+    time in its forward (nothing is kept for a backward), and its logits for one micro-batch, which the
+    fused distillation loss keeps until the student's backward."""
+    low = 4 if precision == "fp32" else 2
+    P = t.num_params()
+    if sharded:
+        z = _zero_settings(zero_config, 3)
+        weights = low * (
+            math.ceil(P / world_size)
+            + largest_module(t)
+            + persistent_params(t, z["stage3_param_persistence_threshold"])
+        )
+    else:
+        weights = low * P
+    logits = low * micro_batch * seq_len * t.vocab_size
+    return weights + layer_activation_bytes(t, micro_batch, seq_len, low) + logits
+
+
 # --------------------------------------------------------------------------------------------
 # Model states and buffers.
 
@@ -410,13 +441,15 @@ def plan(
     *,
     suggest: bool = True,
     device: str = "cuda",
+    teacher: ModelSection | None = None,
 ) -> Plan:
     """The memory per GPU and per node's host of ``spec`` on ``cluster``; with ``suggest``, and if it
     does not fit, the cheapest changes that do (each re-planned).
 
     ``zero_config``: the derived DeepSpeed config's ``zero_optimization`` (bucket sizes a base file
-    sets); DeepSpeed's defaults otherwise. Raises ``ValueError`` when the batch sizes do not divide
-    the cluster's world size.
+    sets); DeepSpeed's defaults otherwise. ``teacher``: the model section of ``distill.teacher``,
+    whose online forward is counted per GPU (``teacher_bytes``). Raises ``ValueError`` when the batch
+    sizes do not divide the cluster's world size.
     """
     micro, accum, _ = spec.batch_sizes(cluster.world_size)
     gpu, host = model_states(
@@ -430,7 +463,13 @@ def plan(
         device,
     )
     acts = activation_bytes(spec.model, micro, spec.data.seq_len, spec.precision, device)
-    gpu = Memory(gpu.params, gpu.grads, gpu.optimizer, acts, gpu.buffers)
+    taught = 0
+    if teacher is not None and spec.distill is not None and spec.distill.source == "online":
+        sharded = spec.distill.sharded(spec.zero.stage)
+        taught = teacher_bytes(
+            teacher, micro, spec.data.seq_len, spec.precision, sharded, cluster.world_size, zero_config
+        )
+    gpu = Memory(gpu.params, gpu.grads, gpu.optimizer, acts, gpu.buffers, taught)
     result = Plan(
         cluster,
         spec.precision,
@@ -444,9 +483,9 @@ def plan(
         host,
     )
     if suggest and not result.fits:
-        result = Plan(**{**result.__dict__, "suggestions": suggestions(spec, cluster, zero_config)})
+        result = Plan(**{**result.__dict__, "suggestions": suggestions(spec, cluster, zero_config, teacher)})
     elif suggest:
-        result = Plan(**{**result.__dict__, "faster": faster(spec, cluster, zero_config)})
+        result = Plan(**{**result.__dict__, "faster": faster(spec, cluster, zero_config, teacher)})
     return result
 
 
@@ -468,9 +507,11 @@ def _with(spec: RunSpec, overrides: Mapping[str, Any]) -> RunSpec | None:
         return None
 
 
-def _fitting(spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] | None) -> Plan | None:
+def _fitting(
+    spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] | None, teacher: ModelSection | None
+) -> Plan | None:
     try:
-        result = plan(spec, cluster, zero_config, suggest=False)
+        result = plan(spec, cluster, zero_config, suggest=False, teacher=teacher)
     except ValueError:  # batch sizes that do not divide this world size
         return None
     return result if result.fits else None
@@ -510,7 +551,7 @@ def _candidates(spec: RunSpec, cluster: Cluster) -> list[tuple[str, dict[str, An
 
 
 def _min_nodes(
-    spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] | None
+    spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] | None, teacher: ModelSection | None
 ) -> tuple[Plan, dict[str, Any]] | None:
     """The plan on the fewest nodes (more than now) that fits, and the batch overrides it needs: where
     the global batch does not divide over the ranks, the nearest one that does, same micro-batch."""
@@ -530,13 +571,18 @@ def _min_nodes(
                 "train.global_batch_size": new_glob,
             }
             candidate = _with(spec, overrides)
-        found = _fitting(candidate, bigger, zero_config) if candidate else None
+        found = _fitting(candidate, bigger, zero_config, teacher) if candidate else None
         if found:
             return found, overrides
     return None
 
 
-def suggestions(spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] | None = None) -> list[Suggestion]:
+def suggestions(
+    spec: RunSpec,
+    cluster: Cluster,
+    zero_config: Mapping[str, Any] | None = None,
+    teacher: ModelSection | None = None,
+) -> list[Suggestion]:
     """Changes that make ``spec`` fit, cheapest first; each was re-planned and fits.
 
     Every single change that fits on its own, in the order of ``_candidates`` (for the micro-batch,
@@ -550,7 +596,7 @@ def suggestions(spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] 
     for change, overrides in candidates:
         is_micro = "train.micro_batch_size" in overrides
         changed = None if (is_micro and micro_found) else _with(spec, overrides)
-        found = _fitting(changed, cluster, zero_config) if changed else None
+        found = _fitting(changed, cluster, zero_config, teacher) if changed else None
         if found:
             micro_found |= is_micro
             out.append(Suggestion(change, overrides, cluster.nodes, found.per_gpu.total, found.per_node_host.total))
@@ -571,11 +617,11 @@ def suggestions(spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] 
     if not out:
         for names, combined in combos:
             changed = _with(spec, combined)
-            found = _fitting(changed, cluster, zero_config) if changed else None
+            found = _fitting(changed, cluster, zero_config, teacher) if changed else None
             if found:
                 out.append(_suggestion(names, combined, found, cluster.nodes))
                 break
-    bigger = _min_nodes(spec, cluster, zero_config)
+    bigger = _min_nodes(spec, cluster, zero_config, teacher)
     if bigger:
         out.append(_suggestion([], bigger[1], bigger[0], cluster.nodes))
     elif not out:
@@ -583,7 +629,7 @@ def suggestions(spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] 
         fewest = MAX_NODES + 1
         for names, combined in combos:
             changed = _with(spec, combined)
-            result = _min_nodes(changed, cluster, zero_config) if changed else None
+            result = _min_nodes(changed, cluster, zero_config, teacher) if changed else None
             if result and result[0].cluster.nodes < fewest:
                 fewest = result[0].cluster.nodes
                 out.append(_suggestion(names, {**combined, **result[1]}, result[0], cluster.nodes))
@@ -602,7 +648,12 @@ def _suggestion(names: list[str], overrides: dict[str, Any], found: Plan, nodes_
     return Suggestion(" + ".join(what), dict(overrides), c.nodes, found.per_gpu.total, found.per_node_host.total)
 
 
-def faster(spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] | None = None) -> list[Suggestion]:
+def faster(
+    spec: RunSpec,
+    cluster: Cluster,
+    zero_config: Mapping[str, Any] | None = None,
+    teacher: ModelSection | None = None,
+) -> list[Suggestion]:
     """For a spec that fits: single changes that save work and still fit (each re-planned), the larger
     saving first. Param and optimizer offload off (PCIe traffic every step), activation checkpointing
     off (the recompute, about a third of a step's FLOPs), the lowest ZeRO stage that fits (stage 3
@@ -640,7 +691,7 @@ def faster(spec: RunSpec, cluster: Cluster, zero_config: Mapping[str, Any] | Non
     for group in groups:  # within a group, the first that fits (the lowest stage, the largest micro-batch)
         for change, overrides in group:
             changed = _with(spec, overrides)
-            found = _fitting(changed, cluster, zero_config) if changed else None
+            found = _fitting(changed, cluster, zero_config, teacher) if changed else None
             if found:
                 out.append(Suggestion(change, overrides, cluster.nodes, found.per_gpu.total, found.per_node_host.total))
                 break

@@ -363,6 +363,15 @@ class DistillSection(Section):
     source: str = Field(
         "online", description="`online`: run the teacher each step; or a directory of cached teacher logits."
     )
+    placement: Literal["auto", "replicated", "sharded"] = Field(
+        "auto",
+        description="The online teacher whole on every rank (replicated), or partitioned over the ranks as a "
+        "ZeRO-3 engine with no optimizer (sharded); auto: sharded when zero.stage is 3.",
+    )
+
+    def sharded(self, zero_stage: int) -> bool:
+        """Whether the online teacher is partitioned over the ranks (``placement``, for a run at ``zero_stage``)."""
+        return self.placement == "sharded" or (self.placement == "auto" and zero_stage == 3)
 
     @model_validator(mode="after")
     def _check_paths(self, info: ValidationInfo) -> DistillSection:

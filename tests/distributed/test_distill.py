@@ -71,14 +71,25 @@ def test_fp32_first_loss_is_the_golden_cross_entropy_times_one_minus_alpha(tmp_p
     assert [e.value for e in events.Scalars("train/kd_loss")] == pytest.approx([r["kd_loss"] for r in records.values()])
 
 
-def test_bf16_zero3_teacher_runs_in_the_students_precision(tmp_path: Path, byte_shards: Path) -> None:
-    # KD only (alpha 1) over the teacher's top 8 tokens: 0 at step 1 exactly when the replicated bf16
-    # teacher computes what the partitioned bf16 student does
-    distill = ["distill.alpha=1.0", "distill.top_k=8", "distill.kind=reverse_kl"]
+@pytest.mark.parametrize("placement", ["replicated", "sharded"])
+def test_bf16_zero3_teacher_runs_in_the_students_precision(tmp_path: Path, byte_shards: Path, placement: str) -> None:
+    # KD only (alpha 1) over the teacher's top 8 tokens: 0 at step 1 exactly when the bf16 teacher,
+    # whole on each rank or partitioned as a ZeRO-3 engine of its own, computes what the partitioned
+    # bf16 student does
+    distill = ["distill.alpha=1.0", "distill.top_k=8", "distill.kind=reverse_kl", f"distill.placement={placement}"]
     records = train_with_the_initial_student_as_teacher(
         tmp_path, byte_shards, "precision=bf16", "zero.stage=3", "train.log_every=1", *distill
     )
     assert records[1]["loss_step"] == 0.0
+    assert ("partitioned" in (tmp_path / "run" / "train.log").read_text()) == (placement == "sharded")
+
+
+def test_a_sharded_teacher_of_a_zero2_student_gives_the_golden_first_loss(tmp_path: Path, byte_shards: Path) -> None:
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    distill = ["distill.alpha=0.25", "distill.placement=sharded"]
+    records = train_with_the_initial_student_as_teacher(tmp_path, byte_shards, *OVERRIDES, *distill)
+    assert records[1]["kd_loss"] == 0.0
+    assert records[1]["loss_step"] == pytest.approx(0.75 * golden["1"], rel=RELATIVE, abs=0)
 
 
 def test_the_logged_parts_are_window_means_also_across_a_resume(tmp_path: Path, byte_shards: Path) -> None:

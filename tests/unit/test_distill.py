@@ -216,3 +216,40 @@ def test_teacher_clock_adds_up_the_timed_passes() -> None:
         with clock.timing(torch.device("cpu")):
             time.sleep(0.02)
     assert 0.04 <= clock.seconds() < 0.5
+
+
+def test_placement_auto_shards_the_teacher_of_a_zero3_student_only(tmp_path: Path) -> None:
+    teacher = export_teacher(reference(TEACHER), tmp_path)
+    sharded = {
+        (stage, placement): load_spec(
+            "tiny", [f"distill.teacher={teacher}", f"zero.stage={stage}", f"distill.placement={placement}"]
+        ).distill.sharded(stage)
+        for stage in (2, 3)
+        for placement in ("auto", "replicated", "sharded")
+    }
+    assert sharded == {
+        (2, "auto"): False, (2, "replicated"): False, (2, "sharded"): True,
+        (3, "auto"): True, (3, "replicated"): False, (3, "sharded"): True,
+    }  # fmt: skip
+    with pytest.raises(SpecError, match="distill.placement: Input should be 'auto', 'replicated' or 'sharded'"):
+        load_spec("tiny", [f"distill.teacher={teacher}", "distill.placement=zero3"])
+
+
+def test_a_sharded_teachers_deepspeed_config_has_no_optimizer_and_the_students_zero3_settings() -> None:
+    from bigtx.config.deepspeed_config import derive_deepspeed_config, derive_teacher_config
+
+    spec = load_spec("tiny", ["zero.stage=3", "zero.offload_params=true", "precision=bf16"])
+    student = derive_deepspeed_config(spec, 2)
+    teacher = derive_teacher_config(student)
+    assert "optimizer" not in teacher and "gradient_clipping" not in teacher
+    assert teacher["bf16"] == {"enabled": True}
+    assert teacher["zero_optimization"] == {
+        **{k: v for k, v in student["zero_optimization"].items() if k != "offload_optimizer"}
+    }
+    # a ZeRO-2 student's teacher: ZeRO-3 with DeepSpeed's defaults
+    teacher = derive_teacher_config(derive_deepspeed_config(load_spec("tiny", ["zero.stage=2"]), 2))
+    assert teacher["zero_optimization"] == {
+        "stage": 3,
+        "memory_efficient_linear": False,
+        "offload_param": {"device": "none"},
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,28 @@ def test_a_run_that_fits_gets_the_cheaper_settings_that_fit_too() -> None:
             load_spec("llama-7b", [f"{k}={v}" for k, v in s.overrides.items()]), Cluster(1, 8, 80 * GB, 10**12)
         )
         assert again.fits and again.per_gpu.total == s.gpu_total
+
+
+def test_an_online_teacher_is_counted_whole_or_as_its_partition(tmp_path: Path) -> None:
+    from bigtx.config.memory_plan import teacher_bytes
+
+    teacher = ModelSection(preset="llama-7b")
+    common = ["data.seq_len=2048", "train.micro_batch_size=1", "train.global_batch_size=64", "precision=bf16"]
+    spec = load_spec("llama-1.3b", common)
+    layer = layer_activation_bytes(teacher, 1, 2048, 2)
+    logits = 2 * 2048 * teacher.vocab_size
+    replicated = teacher_bytes(teacher, 1, 2048, "bf16", sharded=False, world_size=64)
+    assert replicated == 2 * teacher.num_params() + layer + logits
+    sharded = teacher_bytes(teacher, 1, 2048, "bf16", sharded=True, world_size=64)
+    whole = 2 * (-(-teacher.num_params() // 64) + largest_module(teacher))
+    assert whole < sharded - layer - logits < whole + 2 * 10**6  # plus the small parameters kept whole
+    cluster = Cluster(8, 8, 80 * GB, 1000 * GB)
+    plain = plan(spec, cluster, suggest=False)
+    assert plain.per_gpu.teacher == 0
+    assert plan(spec, cluster, suggest=False, teacher=teacher).per_gpu.teacher == 0  # no distill section
+    for stage, expected in ((2, replicated), (3, sharded)):
+        taught = load_spec("llama-1.3b", [*common, f"distill.teacher={tmp_path}", f"zero.stage={stage}"])
+        with_teacher = plan(taught, cluster, suggest=False, teacher=teacher)
+        assert with_teacher.per_gpu.teacher == expected
+        assert with_teacher.per_gpu.total == plan(taught, cluster, suggest=False).per_gpu.total + expected
+        assert with_teacher.to_dict()["per_gpu"]["teacher"] == expected

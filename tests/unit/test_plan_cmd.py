@@ -77,3 +77,17 @@ def test_bad_inputs_exit_2_with_a_clear_message(
 def test_a_missing_spec_exits_2(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     code, _, err = run(capsys, str(tmp_path / "missing.yaml"), "--nodes", "1", "--gpus-per-node", "1")
     assert code == 2 and "missing.yaml: no such file" in err
+
+
+def test_a_distill_teacher_gets_its_own_row_and_a_bad_one_exits_2(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    from tests.unit.test_distill import TEACHER, export_teacher, reference
+
+    teacher = export_teacher(reference(TEACHER), tmp_path)
+    args = ["tiny", "--nodes", "1", "--gpus-per-node", "2", "--set", f"distill.teacher={teacher}"]
+    code, out, _ = run(capsys, *args)
+    rows = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert code == 0 and "teacher" in rows
+    code, out, _ = run(capsys, *args[:5])
+    assert code == 0 and "teacher" not in {line.split()[0] for line in out.splitlines() if line.strip()}
+    code, _, err = run(capsys, *args[:6], f"distill.teacher={tmp_path}")
+    assert code == 2 and f"distill.teacher: {tmp_path}: not a bigtx run directory" in err
