@@ -197,7 +197,10 @@ def build_cache(
     assert d is not None
     if not 1 <= d.top_k <= spec.model.vocab_size:
         raise SpecError(
-            [f"distill.top_k: a cache keeps the teacher's top 1 .. {spec.model.vocab_size} tokens, not {d.top_k}"]
+            [
+                f"distill.top_k: a cache keeps the teacher's top 1 .. {spec.model.vocab_size} (model.vocab_size) "
+                f"tokens per position, not {d.top_k}; give --top-k K"
+            ]
         )
     source = open_teacher(d.teacher, spec.data, spec.model.vocab_size)
     stream = stream_identity(spec, world_size)

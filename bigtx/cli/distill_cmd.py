@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from bigtx.cli.common import UserError
-from bigtx.config import add_spec_args, load_spec
+from bigtx.config import SpecError, add_spec_args, load_spec
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -31,9 +31,13 @@ def _cache(args: argparse.Namespace) -> int:
     overrides += [f"distill.teacher={args.teacher}"] if args.teacher is not None else []
     overrides += [f"distill.top_k={args.top_k}"] if args.top_k is not None else []
     overrides += [f"data.train={args.data}"] if args.data is not None else []
-    spec = load_spec(args.spec, overrides)
-    if spec.distill is None:
-        raise UserError("no teacher: give --teacher DIR, or a spec with a distill section")
+    try:
+        spec = load_spec(args.spec, overrides)
+    except SpecError as exc:
+        missing = "distill.teacher: required field is missing"
+        exc.errors = [e if e != missing else f"{e}: give --teacher DIR" for e in exc.errors]
+        raise
+    assert spec.distill is not None
     try:
         manifest = build_cache(spec, out, args.world_size, batch_rows=args.batch_rows, shard_bytes=shard_bytes)
     except DataError as exc:
