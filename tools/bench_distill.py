@@ -1,6 +1,6 @@
 """Knowledge distillation on the demo corpus: does a distilled student beat a plain one, and what it costs.
 
-    python tools/bench_distill.py [--steps 400] [--top-k 32] [--work /tmp/bench_distill]
+    python tools/bench_distill.py [--steps 1000] [--top-k 32] [--work /tmp/bench_distill]
                                   [--out bench_results/bench_distill.json]
 
 In one run, all single-process `bigtx train` runs (fp32, CPU) on the demo corpus (`bigtx demo`'s:
@@ -14,7 +14,7 @@ the standard library's sources, its 4096-token BPE tokenizer and shards, built i
    each student run and their ratios to the plain student's, the cache build's tokens/s and the cache's
    bytes per token.
 
-Steps and sizes are chosen to finish in about 10 minutes on 2 cores; timings on a shared machine are noisy.
+Steps and sizes are chosen to finish in about 13 minutes on 2 cores; timings on a shared machine are noisy.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def train(name: str, work: Path, common: list[str], extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--work", default="/tmp/bench_distill", help="corpus, shards, runs and cache")
     parser.add_argument("--out", default="bench_results/bench_distill.json")
