@@ -166,15 +166,17 @@ class _SlotWriter:
 def teacher_rows(
     teacher: torch.nn.Module, x: Tensor, y: Tensor, top_k: int, ids_dtype: np.dtype
 ) -> dict[str, np.ndarray]:
-    """The cache's arrays for rows ``x``/``y`` [n, L]: top-k as ``distill_loss`` picks them online
-    (``topk`` of the fp32 teacher logits), stored as fp16 log-probabilities."""
-    logits = teacher(x).float()
+    """The cache's arrays for host rows ``x``/``y`` [n, L]: top-k as ``distill_loss`` picks them online
+    (``topk`` of the fp32 teacher logits), stored as fp16 log-probabilities. The teacher runs on its
+    parameters' device."""
+    device = next(teacher.parameters()).device
+    logits = teacher(x.to(device)).float()
     logp = torch.log_softmax(logits, dim=-1)
     ids = logits.topk(top_k, dim=-1).indices
     return {
-        "logp": logp.gather(-1, ids).to(torch.float16).numpy(),
-        "ids": ids.numpy().astype(ids_dtype),
-        "target": logp.gather(-1, y[..., None]).squeeze(-1).to(torch.float16).numpy(),
+        "logp": logp.gather(-1, ids).to(torch.float16).cpu().numpy(),
+        "ids": ids.cpu().numpy().astype(ids_dtype),
+        "target": logp.gather(-1, y.to(device)[..., None]).squeeze(-1).to(torch.float16).cpu().numpy(),
         "hash": row_hashes(x, y),
     }
 
@@ -190,7 +192,8 @@ def build_cache(
 ) -> dict[str, Any]:
     """Write the cache of ``spec.distill.teacher``'s top ``spec.distill.top_k`` tokens for every row the
     train loader of ``spec`` delivers at ``world_size`` (and so in every layout with as many slots) to
-    ``out`` (a new directory), ``batch_rows`` rows per teacher forward; returns the manifest, with the
+    ``out`` (a new directory), ``batch_rows`` rows per teacher forward (on the GPU if there is one);
+    returns the manifest, with the
     build's ``seconds`` added. Raises ``SpecError``/``DataError`` for unusable input.
     """
     d = spec.distill
@@ -208,7 +211,7 @@ def build_cache(
     loaders = [
         _slot_loader(spec, slot, stream["slots"], batch_rows) for slot in range(stream["slots"])
     ]  # checks the data
-    teacher = open_model(source, DTYPES[spec.precision])
+    teacher = open_model(source, DTYPES[spec.precision], "cuda" if torch.cuda.is_available() else "cpu")
     ids_dtype = np.dtype(np.uint16) if spec.model.vocab_size <= 1 << 16 else np.dtype(np.int32)
     out.mkdir(parents=True)
     t0 = time.perf_counter()

@@ -108,6 +108,17 @@ def test_one_rank_with_two_workers_reads_the_rows_of_two_ranks(cache: Path, teac
         reader.outputs(x, y, loader.last_rows())  # every row's hash checked
     loader.close()
     assert positions == [(0, 0), (1, 0), (0, 4), (1, 4), (0, 8), (1, 8)]
+    # a restored loader goes on counting where the saved one was
+    resumed = build_loader(spec.data, seq_len=64, micro_batch_size=4, rank=0, world_size=1, seed=1234, vocab_size=320)
+    loader = build_loader(spec.data, seq_len=64, micro_batch_size=4, rank=0, world_size=1, seed=1234, vocab_size=320)
+    for _ in zip(range(3), loader):
+        pass
+    resumed.load_state_dict(loader.state_dict())
+    loader.close()
+    x, y = next(iter(resumed))
+    assert resumed.last_rows() == (1, 4)
+    reader.outputs(x, y, resumed.last_rows())
+    resumed.close()
 
 
 def test_rows_of_another_position_or_a_damaged_shard_are_refused(
