@@ -281,8 +281,11 @@ def check_cache(spec: RunSpec, world_size: int) -> dict[str, Any]:
         raise SpecError(
             [f"{where} {reason}: build one with `bigtx distill cache` (an unfinished build has none)"]
         ) from None
+    keys = ("teacher", "top_k", "stream", "rows_per_slot", "slot_shards")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise SpecError([f"{where}: {path} is not a bigtx teacher cache of version {VERSION}; rebuild it"])
+    if any(key not in manifest for key in keys):
+        raise SpecError([f"{where}: {path} lacks some of {', '.join(keys)}; rebuild it"])
     rebuild = "rebuild it with `bigtx distill cache` for this spec"
     problems = []
     teacher = teacher_identity(open_teacher(d.teacher, spec.data, spec.model.vocab_size))
