@@ -6,7 +6,9 @@ shorter context. It runs before any process group starts. A replicated teacher i
 into a ``Transformer`` on every rank by ``bigtx.export.open_model(source, dtype, device)``; a sharded
 one (``distill.placement``) is partitioned over the ranks by ``sharded_teacher``. Either is in the
 student's dtype, in eval mode, with no parameter requiring gradients and no optimizer;
-``teacher_logits`` runs its forward, and a ``TeacherClock`` times it for the metrics.
+``teacher_logits`` runs its forward, ``OnlineTeacher`` gives it to the loop
+(``bigtx.teacher_cache.CachedTeacher`` is the other teacher the loop knows), and a ``TeacherClock``
+times it for the metrics.
 """
 
 from __future__ import annotations
@@ -123,6 +125,18 @@ def teacher_logits(teacher: nn.Module, input_ids: Tensor) -> Tensor:
     which autograd refuses for inference tensors.
     """
     return teacher(input_ids)
+
+
+class OnlineTeacher:
+    """``distill.source: online``: the frozen teacher, run on every micro-batch."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def outputs(self, x: Tensor, y: Tensor, at: tuple[int, int]) -> Tensor:
+        """The teacher's logits for inputs ``x`` [B, T], flattened to [B * T, V]; ``y`` and ``at`` (the
+        batch's position in the stream, which a cache needs) are not used."""
+        return teacher_logits(self.model, x).flatten(0, 1)
 
 
 class TeacherClock:

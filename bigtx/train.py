@@ -42,7 +42,7 @@ from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash
 from bigtx.config.deepspeed_config import derive_deepspeed_config, derive_teacher_config
 from bigtx.config.layout import check_layout
 from bigtx.data import DataError, build_loader, build_val_loaders, check_data
-from bigtx.distill import TeacherClock, open_teacher, sharded_teacher, teacher_logits
+from bigtx.distill import OnlineTeacher, TeacherClock, open_teacher, sharded_teacher
 from bigtx.distributed import EXIT_ERROR, EXIT_FINISHED, EXIT_REQUEUE, EXIT_USAGE, DistEnv
 from bigtx.export import open_model
 from bigtx.export.types import DTYPES
@@ -54,6 +54,7 @@ from bigtx.model.distill_loss import distill_loss
 from bigtx.model.loss import cross_entropy_parts
 from bigtx.model.weights import load_weights, weight_reader
 from bigtx.optim import lr_at, param_groups
+from bigtx.teacher_cache import CachedTeacher, check_cache
 
 log = logging.getLogger("bigtx")
 
@@ -75,11 +76,11 @@ def preflight(spec: RunSpec, env: DistEnv) -> dict[str, Any]:
 
     Raises ``SpecError``/``DataError``/``ValueError`` with a message naming the field or variable.
     """
-    teacher = None
-    if spec.distill is not None:
-        if spec.distill.source != "online":
-            raise SpecError(["distill.source: cached teacher logits are not read yet; use online"])
+    teacher = None  # the online teacher's model section, for the memory plan
+    if spec.distill is not None and spec.distill.source == "online":
         teacher = open_teacher(spec.distill.teacher, spec.data, spec.model.vocab_size).spec.model
+    elif spec.distill is not None:
+        check_cache(spec, env.world_size)
     try:
         ds_config = derive_deepspeed_config(spec, env.world_size)
         check_layout(spec.zero, env.world_size, env.local_world_size, torch.cuda.is_available())
@@ -192,7 +193,7 @@ class Job:
     global_batch: int
     total_steps: int
     device: torch.device
-    teacher: torch.nn.Module | None = None  # distill: frozen; a Transformer, or a ZeRO-3 engine (sharded)
+    teacher: OnlineTeacher | CachedTeacher | None = None  # distill: run each step, or read from its cache
 
     @property
     def tokens_per_step(self) -> int:
@@ -260,14 +261,17 @@ def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePl
     except DataError as exc:
         log.warning("no validation: %s", exc)
         val_loaders = {}
-    teacher = None
-    if spec.distill is not None:
+    teacher: OnlineTeacher | CachedTeacher | None = None
+    if spec.distill is not None and spec.distill.source == "online":
         source = open_teacher(spec.distill.teacher, spec.data, spec.model.vocab_size)
         if spec.distill.sharded(spec.zero.stage):
-            teacher = sharded_teacher(source, derive_teacher_config(ds_config), env.rank, env.world_size)
+            model = sharded_teacher(source, derive_teacher_config(ds_config), env.rank, env.world_size)
             log.info("teacher %s partitioned over %d ranks (ZeRO-3, no optimizer)", source.describe(), env.world_size)
         else:
-            teacher = open_model(source, DTYPES[spec.precision], distributed.device(env))
+            model = open_model(source, DTYPES[spec.precision], distributed.device(env))
+        teacher = OnlineTeacher(model)
+    elif spec.distill is not None:
+        teacher = CachedTeacher(spec.distill.source, check_cache(spec, env.world_size), distributed.device(env))
     return Job(
         spec,
         env,
@@ -420,8 +424,9 @@ def micro_batch_loss(
     job: Job, x: torch.Tensor, y: torch.Tensor, clock: TeacherClock
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss to differentiate: the student's cross-entropy, with ``optim.z_loss`` plus its z term,
-    or with ``distill`` the fused (1 - alpha) * CE + alpha * KD (the teacher's forward timed by
-    ``clock``); and the values to log, detached: [loss] and ``loss_parts``."""
+    or with ``distill`` the fused (1 - alpha) * CE + alpha * KD (the teacher's forward, or the read of
+    its cached rows at the loader's position, timed by ``clock``); and the values to log, detached:
+    [loss] and ``loss_parts``."""
     z_loss = job.spec.optim.z_loss
     if job.teacher is None and not z_loss:
         loss = job.engine(x, y)
@@ -434,7 +439,7 @@ def micro_batch_loss(
     assert d is not None
     logits = job.engine(x).flatten(0, 1)
     with clock.timing(job.device):
-        teacher = teacher_logits(job.teacher, x).flatten(0, 1)
+        teacher = job.teacher.outputs(x, y, job.train_loader.last_rows())
     # nothing else holds the student's logits: their storage takes the gradient (as in Transformer.forward)
     losses = distill_loss(
         logits, teacher, y.flatten(), alpha=d.alpha, temperature=d.temperature, kind=d.kind, top_k=d.top_k,

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "launch_cmd",
     "export_cmd",
     "generate_cmd",
+    "distill_cmd",
     "plot_cmd",
     "doctor_cmd",
     "demo_cmd",

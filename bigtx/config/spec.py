@@ -361,7 +361,8 @@ class DistillSection(Section):
         0, ge=0, description="KD over the teacher's top-k tokens, both renormalised over them (0: full vocabulary)."
     )
     source: str = Field(
-        "online", description="`online`: run the teacher each step; or a directory of cached teacher logits."
+        "online",
+        description="`online`: run the teacher each step; or a `bigtx distill cache` directory (read per row).",
     )
     placement: Literal["auto", "replicated", "sharded"] = Field(
         "auto",
@@ -388,7 +389,7 @@ class DistillSection(Section):
         if self.source != "online" and not Path(self.source).is_dir():
             raise ValueError(
                 f"source: no directory {self.source!r}{_relative_note(self.source)}; "
-                "give `online` or a directory of cached teacher logits"
+                "give `online` or a directory written by `bigtx distill cache`"
             )
         return self
 

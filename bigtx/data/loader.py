@@ -36,12 +36,12 @@ the time of the last restore, so the round robin continues where it left off.
 
 *State.* Every micro-batch travels with its reader's state right after producing it: per source
 (epoch, shard cursor, offset in the shard's document order, buffered references, pick counter), the
-token counts for mixing, the packing leftover (the tail of at most one document) and the bad-shard /
-skipped-document counters. ``state_dict()`` holds the last state delivered by each reader, so it
-describes exactly the batches the caller has received, however far the workers have prefetched.
-``load_state_dict`` hands each reader its state; a restored loader yields batch ``k+1, k+2, ...``
-bit-identical to an uninterrupted one. The state is plain Python (ints, lists, bytes): it survives
-``torch.save`` / ``torch.load(weights_only=True)``.
+token counts for mixing, the packing leftover (the tail of at most one document), the rows the reader
+has delivered and the bad-shard / skipped-document counters. ``state_dict()`` holds the last state
+delivered by each reader, so it describes exactly the batches the caller has received, however far
+the workers have prefetched. ``load_state_dict`` hands each reader its state; a restored loader
+yields batch ``k+1, k+2, ...`` bit-identical to an uninterrupted one. The state is plain Python
+(ints, lists, bytes): it survives ``torch.save`` / ``torch.load(weights_only=True)``.
 
 *Changing the layout.* Shards are assigned by slot, so a new layout with the same number of slots
 (2 ranks x 1 reader <-> 1 rank x 2 workers) continues exactly: ``load_resharded_state`` hands each
@@ -143,13 +143,16 @@ def _produce(cfg: LoaderConfig, reader: int, state: dict | None) -> Iterator[tup
         policy=policy,
     )
     packer = Packer(cfg.seq_len, cfg.micro_batch_size, state.get("leftover"))
+    rows = state.get("rows", 0)
     while True:
         block = packer.next_block(stream.next_doc)
         if block is None:
             return
+        rows += cfg.micro_batch_size
         snapshot = {
             "stream": stream.state(),
             "leftover": packer.leftover,
+            "rows": rows,
             "counters": {"bad_shards": counters.bad_shards, "skipped_docs": counters.skipped_docs},
         }
         yield reader, block, snapshot
@@ -198,6 +201,7 @@ def _export_reader(snapshot: dict | None) -> dict | None:
         "stream": snapshot["stream"],
         "leftover": leftover.tobytes(),
         "leftover_dtype": leftover.dtype.str,
+        "rows": snapshot["rows"],
         "counters": dict(snapshot["counters"]),
     }
 
@@ -206,7 +210,13 @@ def _import_reader(saved: dict | None) -> dict | None:
     if saved is None:
         return None
     leftover = np.frombuffer(saved["leftover"], dtype=np.dtype(saved["leftover_dtype"]))
-    return {"stream": saved["stream"], "leftover": leftover, "counters": dict(saved["counters"])}
+    # "rows": absent from states saved before bigtx counted them
+    return {
+        "stream": saved["stream"],
+        "leftover": leftover,
+        "rows": saved.get("rows", 0),
+        "counters": dict(saved["counters"]),
+    }
 
 
 class TokenLoader:
@@ -221,6 +231,7 @@ class TokenLoader:
         self._states: list[dict | None] = [None] * cfg.readers
         self._next_reader = 0
         self._batches = 0
+        self._last_rows: tuple[int, int] | None = None
         self._live = None  # the current iterator: one at a time, since each updates the loader's state
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -242,6 +253,7 @@ class TokenLoader:
                 raise RuntimeError(f"data loader: batch from reader {reader}, expected reader {expected}")
             self._states[reader] = snapshot
             self._batches += 1
+            self._last_rows = (cfg.rank * cfg.readers + reader, snapshot["rows"] - cfg.micro_batch_size)
             expected = self._next_reader = (reader + 1) % cfg.readers
             yield to_batch(block, cfg.micro_batch_size, cfg.seq_len)
 
@@ -274,6 +286,19 @@ class TokenLoader:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+
+    def last_rows(self) -> tuple[int, int]:
+        """Where the last train micro-batch yielded lies in the stream of packed rows it came from:
+        ``(slot, first row)``, its ``micro_batch_size`` rows being rows ``first, first + 1, ...`` of that
+        slot's rows (``seq_len + 1`` tokens each, counted from the start of the run).
+
+        A slot's stream depends on the data, seed, ``seq_len`` and number of slots only, not on how
+        the slots are spread over ranks and workers: a teacher cache (``bigtx.teacher_cache``) is keyed
+        by this position. Loader states saved before rows were counted restart the count at 0.
+        """
+        if self._last_rows is None:
+            raise RuntimeError("data loader: no train micro-batch yielded yet")
+        return self._last_rows
 
     def state_dict(self) -> dict:
         """The position after the last micro-batch yielded (plain Python: ints, lists, bytes)."""

@@ -19,6 +19,15 @@ from bigtx.model.loss import chunk_rows
 KDKind = Literal["forward_kl", "reverse_kl"]
 
 
+class TeacherTopK(NamedTuple):
+    """A teacher given by its top-k tokens per row instead of its logits (a teacher cache,
+    ``bigtx.teacher_cache``): what the top-k KD term and ``teacher_ce`` need, no more."""
+
+    logprobs: Tensor  # [N, K] float: the teacher's log-softmax (temperature 1) at ``ids``, largest first
+    ids: Tensor  # [N, K] int64: the token ids of the K largest teacher logits of each row
+    target_logprob: Tensor  # [N] float: the teacher's log-softmax at each row's target (for teacher_ce)
+
+
 class DistillLosses(NamedTuple):
     """The loss to differentiate and its parts (fp32 scalars; the parts carry no gradient)."""
 
@@ -31,7 +40,7 @@ class DistillLosses(NamedTuple):
 
 def distill_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | TeacherTopK,
     targets: Tensor,
     *,
     alpha: float,
@@ -57,6 +66,12 @@ def distill_loss(
       gradient only to the student logits in ``S``. ``T**2`` keeps the KD gradient's size
       independent of ``T`` (Hinton et al., 2015).
 
+    ``teacher_logits`` may instead be a ``TeacherTopK`` (a teacher cache): then ``top_k`` must be in
+    [1, K] and its first ``top_k`` columns are ``S``, and ``teacher_ce`` comes from its
+    ``target_logprob``. Since ``log_softmax`` over ``S`` is unchanged by the per-row shift from logits
+    to log-probabilities, this is the same loss as the teacher's logits with the same ``top_k``, up to
+    the rounding of the stored values.
+
     A row is counted when its target is not ``ignore_index``; other rows contribute to no term and
     get zero gradient. If no row is counted every value is NaN and the gradient zero (as with
     ``F.cross_entropy``). All arithmetic is fp32 whatever the logits' dtype; the gradient is scaled
@@ -73,17 +88,24 @@ def distill_loss(
     ``student_logits``.
     """
     n, vocab = student_logits.shape if student_logits.ndim == 2 else (0, 0)
-    if student_logits.ndim != 2 or vocab == 0 or teacher_logits.shape != student_logits.shape:
-        shapes = f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        raise ValueError(f"expected student and teacher logits of one shape [N, V > 0], got {shapes}")
+    if isinstance(teacher_logits, TeacherTopK):
+        if vocab == 0:
+            raise ValueError(f"expected student logits [N, V > 0], got {tuple(student_logits.shape)}")
+        teacher_logits = _check_top_k(teacher_logits, n, top_k)
+        teacher_tensors = list(teacher_logits)
+    else:
+        if student_logits.ndim != 2 or vocab == 0 or teacher_logits.shape != student_logits.shape:
+            shapes = f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+            raise ValueError(f"expected student and teacher logits of one shape [N, V > 0], got {shapes}")
+        if teacher_logits.dtype != student_logits.dtype:
+            raise ValueError(
+                f"teacher logits are {teacher_logits.dtype}, student logits {student_logits.dtype}: "
+                "run the teacher in the student's precision"
+            )
+        teacher_tensors = [teacher_logits]
     if targets.shape != (n,):
         raise ValueError(f"expected targets [N] = [{n}], got {tuple(targets.shape)}")
-    if teacher_logits.dtype != student_logits.dtype:
-        raise ValueError(
-            f"teacher logits are {teacher_logits.dtype}, student logits {student_logits.dtype}: "
-            "run the teacher in the student's precision"
-        )
-    if teacher_logits.requires_grad:
+    if any(t.requires_grad for t in teacher_tensors):
         raise ValueError("teacher logits require grad: run the teacher's forward under torch.no_grad()")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -105,6 +127,19 @@ def distill_loss(
         float(z_loss),
     )
     return DistillLosses(*_ChunkedDistill.apply(student_logits, teacher_logits, targets, options, overwrite_logits))
+
+
+def _check_top_k(teacher: TeacherTopK, n: int, top_k: int) -> TeacherTopK:
+    """``teacher`` cut to its first ``top_k`` columns, fp32 and int64; raises ``ValueError`` on bad shapes."""
+    k = teacher.ids.shape[-1] if teacher.ids.ndim == 2 else 0
+    if teacher.logprobs.shape != (n, k) or teacher.ids.shape != (n, k) or teacher.target_logprob.shape != (n,):
+        shapes = ", ".join(str(tuple(t.shape)) for t in teacher)
+        raise ValueError(f"expected teacher top-k [N, K], [N, K], [N] with N = {n}, got {shapes}")
+    if not 1 <= top_k <= k:
+        raise ValueError(f"top_k must be in [1, K={k}] with a teacher given by its top-{k}, got {top_k}")
+    return TeacherTopK(
+        teacher.logprobs[:, :top_k].float(), teacher.ids[:, :top_k].long(), teacher.target_logprob.float()
+    )
 
 
 class _Options(NamedTuple):
@@ -142,8 +177,9 @@ def _kl_grad(log_q: Tensor, log_p: Tensor, reverse: bool) -> Tensor:
 class _ChunkedDistill(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, student: Tensor, teacher: Tensor, targets: Tensor, opt: _Options, overwrite: bool
+        ctx, student: Tensor, teacher: Tensor | TeacherTopK, targets: Tensor, opt: _Options, overwrite: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        cached = isinstance(teacher, TeacherTopK)
         valid = targets != opt.ignore_index
         safe_targets = torch.where(valid, targets, 0)
         ce, kd, teacher_ce, z = (torch.zeros((), dtype=torch.float32, device=student.device) for _ in range(4))
@@ -153,17 +189,25 @@ class _ChunkedDistill(torch.autograd.Function):
         for start in range(0, student.shape[0], opt.rows):
             end = start + opt.rows
             counted, target = valid[start:end], safe_targets[start:end, None]
-            s, t = student[start:end].float(), teacher[start:end].float()
-            log_q1, log_p1 = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+            s = student[start:end].float()
+            log_q1 = torch.log_softmax(s, dim=-1)
             # the same summation as cross_entropy, so that alpha = 0 reproduces it exactly
             ce -= torch.where(counted, log_q1.gather(1, target).squeeze(1), 0.0).sum()
-            teacher_ce -= torch.where(counted, log_p1.gather(1, target).squeeze(1), 0.0).sum()
             if opt.z_loss:
                 lse = torch.logsumexp(s, dim=-1)
                 lse_rows.append(lse)
                 z += torch.where(counted, lse.square(), 0.0).sum()
+            if cached:
+                # log-probabilities differ from the logits by a per-row constant: the same top-k softmax
+                t_values, ids = teacher.logprobs[start:end], teacher.ids[start:end]
+                teacher_ce -= torch.where(counted, teacher.target_logprob[start:end], 0.0).sum()
+            else:
+                t = teacher[start:end].float()
+                log_p1 = torch.log_softmax(t, dim=-1)
+                teacher_ce -= torch.where(counted, log_p1.gather(1, target).squeeze(1), 0.0).sum()
+                if opt.top_k:
+                    t_values, ids = t.topk(opt.top_k, dim=-1)
             if opt.top_k:
-                t_values, ids = t.topk(opt.top_k, dim=-1)
                 top_values.append(t_values)
                 top_ids.append(ids)
                 log_q = _log_softmax_at(s.gather(1, ids), opt.temperature)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,8 @@ from bigtx.export import WeightSource, export_safetensors
 from bigtx.export.types import expected_shapes
 from bigtx.model import Transformer
 from tests.distributed.test_golden_loss import GOLDEN, OVERRIDES, RELATIVE
-from tests.harness import kill_after, start, tiny_overrides, train, train_records
+from tests.harness import REPO, base_env, kill_after, start, tiny_overrides, train, train_records
+from tests.unit.test_distill import TEACHER, export_teacher, reference
 
 pytestmark = pytest.mark.slow
 
@@ -111,3 +115,57 @@ def test_the_logged_parts_are_window_means_also_across_a_resume(tmp_path: Path, 
     for end in (3, 6):
         for key in ("loss", "ce_loss", "kd_loss", "teacher_ce"):
             assert logged[end][key] == sum(steps[s][key] for s in range(end - 2, end + 1)) / 3, (end, key)
+
+
+def test_a_teacher_cache_trains_as_online_top_k_resumes_on_another_layout_and_is_checked(
+    tmp_path: Path, byte_shards: Path
+) -> None:
+    """`bigtx distill cache` for 2 ranks, then training from it: the losses of an online top-k run
+    (fp16 log-probs: within 1e-4), also after a kill and a resume on 1 rank with 2 loader workers (the
+    same 2 data slots). A cache of other data, or with a damaged shard, is refused with exit code 2."""
+    teacher = export_teacher(reference(TEACHER), tmp_path)
+    common = ["precision=fp32", "train.max_steps=4", "schedule.warmup_steps=1", "train.eval_every=0",
+              "checkpoint.every_steps=2", "train.global_batch_size=8", "train.grad_accum=null", "distill.alpha=0.5",
+              "distill.top_k=8", "distill.temperature=2.0", f"distill.teacher={teacher}"]  # fmt: skip
+    logs = tmp_path / "logs"
+    online = tmp_path / "online"
+    train("tiny", tiny_overrides(online, byte_shards, *common), 2, logs)
+    cache = tmp_path / "cache"
+    build = [sys.executable, "-m", "bigtx", "distill", "cache", "tiny", *(f"--set={o}" for o in common)]
+    build += ["--data", str(byte_shards), "--world-size", "2", "--shard-size", "20KB", "--out", str(cache)]
+    subprocess.run(build, check=True, capture_output=True, env=base_env(), cwd=REPO)
+
+    cached = tmp_path / "cached"
+    overrides = tiny_overrides(cached, byte_shards, *common, f"distill.source={cache}")
+    kill_after(start("tiny", overrides, 2, logs), cached / "checkpoints/step_00000002/COMPLETE.json")
+    train("tiny", [*overrides, "data.num_workers=2"], 1, logs)
+    assert "resumed from" in (cached / "train.log").read_text()
+    expected, got = train_records(online), train_records(cached)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        for key in ("loss", "ce_loss", "teacher_ce"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=0), (step, key)
+        assert got[step]["kd_loss"] == pytest.approx(expected[step]["kd_loss"], rel=1e-2, abs=0), step
+
+    # other data: the same shards but one; refused before any process group
+    fewer = tmp_path / "fewer"
+    shutil.copytree(byte_shards, fewer)
+    index = json.loads((fewer / "index.json").read_text())
+    index["splits"]["train"]["shards"].pop()
+    (fewer / "index.json").write_text(json.dumps(index))
+    run = train(
+        "tiny", tiny_overrides(tmp_path / "other", fewer, *common, f"distill.source={cache}"), 1, logs, expect=2
+    )
+    assert f"distill.source: the teacher cache {cache} was built for another data.train" in run.output()
+    # a damaged shard of each slot: each rank stops at its first step, naming it
+    for shard in cache.glob("slot*-000000.tar"):
+        data = bytearray(shard.read_bytes())
+        data[1000] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    run = train(
+        "tiny", tiny_overrides(tmp_path / "damaged", byte_shards, *common, f"distill.source={cache}"), 2, logs, expect=2
+    )
+    assert (
+        f"shard {cache / 'slot00000-000000.tar'} is damaged: its sha256 is not the one manifest.json records"
+        in run.output()
+    )

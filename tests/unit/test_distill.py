@@ -183,7 +183,7 @@ def test_train_preflight_checks_the_teacher_before_any_process_group(tmp_path: P
     with pytest.raises(SpecError, match=f"distill.teacher: {tmp_path}: not a bigtx run directory"):
         train.preflight(load_spec("tiny", [f"distill.teacher={tmp_path}"]), env)
     teacher = export_teacher(reference(TEACHER), tmp_path)
-    with pytest.raises(SpecError, match="distill.source: cached teacher logits are not read yet; use online"):
+    with pytest.raises(SpecError, match=f"distill.source: the teacher cache {tmp_path} has no manifest.json"):
         train.preflight(load_spec("tiny", [f"distill.teacher={teacher}", f"distill.source={tmp_path}"]), env)
 
 

@@ -326,7 +326,7 @@ def test_distill_paths_must_be_directories(tmp_path: Path, monkeypatch: pytest.M
         load_spec("tiny", [f"distill.teacher={tmp_path}", "distill.source=offline"])
     assert info.value.errors == [
         f"distill.source: no directory 'offline' (relative to the working directory {tmp_path}); "
-        "give `online` or a directory of cached teacher logits"
+        "give `online` or a directory written by `bigtx distill cache`"
     ]
 
 
