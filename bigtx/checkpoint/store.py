@@ -226,6 +226,22 @@ def resolve(path: Path, tag: str | None = None) -> Path:
     return candidate
 
 
+def discard_after(ckpt_root: Path, step: int) -> list[Path]:
+    """Delete the checkpoints after ``step``, complete or not, with their universal copies, and point
+    ``newest`` at the newest one left (rank 0; a rewind to ``step`` abandons them)."""
+    removed = []
+    if ckpt_root.is_dir():
+        for p in sorted(ckpt_root.iterdir()):
+            if p.is_dir() and _TAG.match(p.name) and step_of(p) > step:
+                shutil.rmtree(p)
+                shutil.rmtree(ckpt_root / "universal" / p.name, ignore_errors=True)
+                removed.append(p)
+    left = complete_checkpoints(ckpt_root)
+    if removed and left:
+        _fsync_write(ckpt_root / NEWEST, left[0].name + "\n")
+    return removed
+
+
 def remove_incomplete(ckpt_root: Path) -> list[Path]:
     """Delete checkpoint directories that never got their commit marker (rank 0 only)."""
     removed = []
