@@ -804,7 +804,7 @@ def rewind(job: Job, first_spike: int, metrics: MetricsLogger, beat: Heartbeat) 
             log.info("rewind: removed %s (after the spikes)", path.name)
         write_record(ckpt_root, record)
     dist.barrier()
-    log.warning("rewind %d of %d: back to %s", record.rewinds, job.spec.stability.max_rewinds, target)
+    log.warning("rewind %d of %d: back to %s", record.rewinds, guard.cfg.max_rewinds, target)
     progress, window = restore(job, ResumePlan(checkpoint=target, meta=checkpoint.read_meta(target)))
     metrics.cut_back(progress.step)
     return progress, window

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bigtx.config import SpecError, load_spec
+from bigtx.checkpoint import spec_changes
+from bigtx.config import SpecError, load_spec, spec_to_dict
 from bigtx.config.spec import StabilitySection
 from bigtx.stability import RewindRecord, SpikeGuard, StabilityStop, Verdict, read_record, write_record
 from tests.unit.test_spec import run_cli
@@ -153,3 +154,11 @@ def test_bad_stability_fields_are_named(overrides: list[str], message: str) -> N
     args = [arg for o in overrides for arg in ("--set", o)]
     res = run_cli("config", "validate", "tiny", *args)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_resumed_run_may_turn_the_section_on_off_or_retune_it() -> None:
+    off = spec_to_dict(load_spec("tiny"))
+    on = spec_to_dict(load_spec("tiny", ["stability.window=50", "stability.warmup=10"]))
+    retuned = spec_to_dict(load_spec("tiny", ["stability.window=80", "stability.loss_k=4"]))
+    for old, new in ((off, on), (on, off), (on, retuned)):
+        assert spec_changes(old, new) == ([], [])
