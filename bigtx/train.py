@@ -4,8 +4,9 @@ Read top to bottom: ``main`` checks everything that can be checked before a proc
 ``train`` starts the rank's heartbeat (``bigtx.heartbeat``: each phase the loop marks, and stack dumps
 when one stalls); ``run`` starts the process group, plans the resume (``bigtx.checkpoint.resume``),
 ``build``s model, DeepSpeed engine and data, ``restore``s a checkpoint if there is one and hands over
-to ``fit``, the loop: ``train_step``, one collective, log (with one more, naming the slowest rank),
-evaluate, checkpoint, stop.
+to ``fit``, the loop: ``train_step``, one collective, (with a ``stability`` section: apply, skip or
+rewind the held update, ``judge_update``), log (with one more, naming the slowest rank), evaluate,
+checkpoint, stop.
 """
 
 from __future__ import annotations
@@ -244,6 +245,8 @@ def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePl
     names = {id(p): name for name, p in model.named_parameters()}
     group_names = [[names[id(p)] for p in group["params"]] for group in groups]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    if spec.stability is not None:
+        held_update.check(engine)
     micro, accum, global_batch = spec.batch_sizes(env.world_size)
 
     loader_args = dict(

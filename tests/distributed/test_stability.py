@@ -72,14 +72,15 @@ def test_a_spike_is_skipped_as_if_its_batch_were_never_trained_on(tmp_path: Path
 
 def test_a_rewind_continues_as_a_fresh_resume_and_the_last_one_stops(tmp_path: Path, byte_shards: Path) -> None:
     long = ("train.max_steps=16", "checkpoint.every_steps=4")
-    # spikes at batches 9 and 10 (steps 9 and 10): the first is skipped, the second rewinds to step 8 and
-    # skips batches 9 and 10; step 9 then trains batch 11, so the nan at batch 16 falls on step 14: a
-    # second rewind, one more than allowed
+    # spikes at batches 9 and 10: the first is skipped as step 9, so the second is step 9 again and rewinds
+    # to step 8, skipping batches 9 and 10; step 9 then trains batch 11, so the nan at batch 16 falls on
+    # step 14: a second rewind, one more than allowed
     run_dir = tmp_path / "spiky"
     codes = spiky(run_dir, byte_shards, tmp_path / "logs", "9:30,10:30,16:nan", *long)
     log = (run_dir / "train.log").read_text()
     assert codes == [1, 1], log
-    assert "step 9: spike skipped" in log and "step 10: update skipped, rewinding" in log
+    assert "step 9: spike skipped" in log and "step 9: update skipped, rewinding" in log
+    assert "spikes at steps 9, 9)" in log
     assert "rewind 1 of 1: back to" in log and "step_00000008" in log.split("rewind 1 of 1")[1].splitlines()[0]
     assert "stability.max_rewinds: the run needs rewind 2 (spikes from step 14) and 1 are allowed" in log
     records = train_records(run_dir)
