@@ -1,6 +1,7 @@
-"""Spikes on 2 gloo ranks with real DeepSpeed (ZeRO-2, bf16): a skipped step leaves no trace but its data,
-a rewind continues exactly as a fresh resume from the same checkpoint with the same data skipped, and a
-run out of rewinds stops with a clear message. Spikes come from the ``tests.distributed.spiky`` seam."""
+"""Spikes on 2 gloo ranks with real DeepSpeed (ZeRO-2 bf16; the skip also at ZeRO-3 fp32): a skipped step
+leaves no trace but its data, a rewind continues exactly as a fresh resume from the same checkpoint with
+the same data skipped, and a run out of rewinds stops with a clear message. Spikes come from the
+``tests.distributed.spiky`` seam."""
 
 from __future__ import annotations
 
@@ -52,8 +53,11 @@ def same_steps(a: Path, b: Path, steps: range) -> None:
             assert ra[step][key] == rb[step][key], f"step {step} {key}: {ra[step][key]!r} != {rb[step][key]!r}"
 
 
-def test_a_spike_is_skipped_as_if_its_batch_were_never_trained_on(tmp_path: Path, byte_shards: Path) -> None:
-    short = ("train.max_steps=12", "checkpoint.every_steps=7")
+@pytest.mark.parametrize("layout", [[], ["zero.stage=3", "precision=fp32"]], ids=["zero2-bf16", "zero3-fp32"])
+def test_a_spike_is_skipped_as_if_its_batch_were_never_trained_on(
+    tmp_path: Path, byte_shards: Path, layout: list[str]
+) -> None:
+    short = ("train.max_steps=12", "checkpoint.every_steps=7", *layout)
     run_dir = tmp_path / "spiky"
     assert spiky(run_dir, byte_shards, tmp_path / "logs", "8:30", *short) == [0, 0]
     log = (run_dir / "train.log").read_text()
