@@ -10,6 +10,7 @@ import pytest
 from bigtx.checkpoint import (
     apply_retention,
     complete_checkpoints,
+    discard_after,
     remove_incomplete,
     resolve,
     spec_changes,
@@ -128,3 +129,18 @@ def test_fresh_start_refuses_to_overwrite(tmp_path: Path) -> None:
         prepare_run_dir(tmp_path, "none", overwrite=False, is_main=True)
     prepare_run_dir(tmp_path, "none", overwrite=True, is_main=True)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_discard_after_removes_later_checkpoints_and_repoints_newest(tmp_path: Path) -> None:
+    for step in (4, 8, 12):
+        (tmp_path / f"step_{step:08d}").mkdir()
+        (tmp_path / f"step_{step:08d}" / COMPLETE).write_text("{}")
+    (tmp_path / "step_00000016").mkdir()  # an interrupted save
+    (tmp_path / "universal/step_00000012").mkdir(parents=True)
+    (tmp_path / NEWEST).write_text("step_00000012\n")
+    removed = discard_after(tmp_path, 8)
+    assert [p.name for p in removed] == ["step_00000012", "step_00000016"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [NEWEST, "step_00000004", "step_00000008", "universal"]
+    assert not any((tmp_path / "universal").iterdir())
+    assert (tmp_path / NEWEST).read_text() == "step_00000008\n"
+    assert discard_after(tmp_path, 8) == [] and (tmp_path / NEWEST).read_text() == "step_00000008\n"
