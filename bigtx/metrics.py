@@ -73,6 +73,18 @@ class MetricsLogger:
             # purge_step hides events a killed run wrote after its last checkpoint
             self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
+    def cut_back(self, step: int) -> None:
+        """Drop what was logged after ``step``, as a resume from there does: a rewound run logs those
+        steps again."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        assert self._tb is not None
+        self._tb.close()
+        truncate_after(self.path, step)
+        self._tb = SummaryWriter(str(self.path.parent / "tb"), purge_step=step + 1)
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

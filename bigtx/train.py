@@ -4,8 +4,9 @@ Read top to bottom: ``main`` checks everything that can be checked before a proc
 ``train`` starts the rank's heartbeat (``bigtx.heartbeat``: each phase the loop marks, and stack dumps
 when one stalls); ``run`` starts the process group, plans the resume (``bigtx.checkpoint.resume``),
 ``build``s model, DeepSpeed engine and data, ``restore``s a checkpoint if there is one and hands over
-to ``fit``, the loop: ``train_step``, one collective, log (with one more, naming the slowest rank),
-evaluate, checkpoint, stop.
+to ``fit``, the loop: ``train_step``, one collective, (with a ``stability`` section: apply, skip or
+rewind the held update, ``judge_update``), log (with one more, naming the slowest rank), evaluate,
+checkpoint, stop.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch.distributed as dist
 import yaml
 
 import bigtx
-from bigtx import checkpoint, distributed, heartbeat, lifetime, zero3
+from bigtx import checkpoint, distributed, heartbeat, held_update, lifetime, zero3
 from bigtx.checkpoint.resume import FINISHED, ResumePlan, plan_resume
 from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config, derive_teacher_config
@@ -54,6 +55,7 @@ from bigtx.model.distill_loss import distill_loss
 from bigtx.model.loss import cross_entropy_parts
 from bigtx.model.weights import load_weights, weight_reader
 from bigtx.optim import lr_at, param_groups
+from bigtx.stability import Decision, RewindRecord, SpikeGuard, StabilityStop, Verdict, read_record, write_record
 from bigtx.teacher_cache import CachedTeacher, check_cache
 
 log = logging.getLogger("bigtx")
@@ -194,6 +196,7 @@ class Job:
     total_steps: int
     device: torch.device
     teacher: OnlineTeacher | CachedTeacher | None = None  # distill: run each step, or read from its cache
+    guard: SpikeGuard | None = None  # with a stability section: each step's update is judged before it is applied
 
     @property
     def tokens_per_step(self) -> int:
@@ -245,6 +248,8 @@ def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePl
     names = {id(p): name for name, p in model.named_parameters()}
     group_names = [[names[id(p)] for p in group["params"]] for group in groups]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    if spec.stability is not None:
+        held_update.check(engine)
     micro, accum, global_batch = spec.batch_sizes(env.world_size)
 
     loader_args = dict(
@@ -284,6 +289,7 @@ def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePl
         spec.total_steps(env.world_size),
         distributed.device(env),
         teacher,
+        SpikeGuard(spec.stability) if spec.stability is not None else None,
     )
 
 
@@ -301,8 +307,28 @@ def restore(job: Job, plan: ResumePlan) -> tuple[Progress, LogWindow]:
         old = [checkpoint.load_rank_state(path, r)["loader"] for r in range(meta["world_size"])]
         job.train_loader.load_resharded_state(old)
         seed_everything(job.spec.run.seed + meta["step"], env.rank)
+    if job.guard is not None:
+        restore_guard(job, path, meta)
     log.info("resumed from %s at step %d (%d tokens seen)", path, meta["step"], meta["tokens"])
     return Progress(step=meta["step"], tokens=meta["tokens"]), LogWindow.restored(meta.get("log_window", {}))
+
+
+def restore_guard(job: Job, path: Path, meta: dict[str, Any]) -> None:
+    """The spike guard's state saved in checkpoint ``path`` (none in one saved without the stability
+    section), and, when the last rewind went back to ``path``, its counters and the data it skipped."""
+    guard = job.guard
+    assert guard is not None
+    if "stability" in meta:
+        guard.restore(meta["stability"])
+    record = read_record(path.parent)
+    if record is None or record.checkpoint != path.name:
+        return
+    record.apply(guard)
+    micro_batches = record.skip_batches * job.accum
+    for _ in islice(iter(job.train_loader), micro_batches):
+        pass
+    job.train_loader.close()
+    log.warning("rewind %d: skipped %d batches of data after %s", record.rewinds, record.skip_batches, path.name)
 
 
 def save_checkpoint(job: Job, progress: Progress, window: LogWindow) -> Path:
@@ -323,6 +349,8 @@ def save_checkpoint(job: Job, progress: Progress, window: LogWindow) -> Path:
         # so that the first logged loss after a resume averages the same steps as without one
         "log_window": window.saved(),
     }
+    if job.guard is not None:
+        meta["stability"] = job.guard.saved()
     t0 = time.perf_counter()
     path = checkpoint.save(job.engine, ckpt_root, progress.step, rank_state, meta)
     if env.is_main:
@@ -391,10 +419,14 @@ class StepResult:
     data_wait: float  # seconds spent waiting for batches
     backward: float  # seconds in the backward passes, where the gradients are reduced: ranks wait for the slowest
     teacher: TeacherClock  # the teacher's forward passes (none without distill)
+    # with job.guard: the update is held (not applied yet) and this is its gradient norm before clipping,
+    # on rank 0; 0 elsewhere, so that the step's all-reduce hands every rank rank 0's value
+    grad_norm: torch.Tensor | None = None
 
 
 def train_step(job: Job, batches: Iterator, lr: float, beat: Heartbeat) -> StepResult:
-    """One optimizer step: ``accum`` micro-batches, DeepSpeed accumulates, clips and steps.
+    """One optimizer step: ``accum`` micro-batches, DeepSpeed accumulates, clips and steps; with
+    ``job.guard`` the last ``engine.step()`` is left to ``fit``, once the step is judged.
 
     The losses stay on the device (no CPU-GPU sync per micro-batch); they are summed in float64 so
     each value equals the sum of the micro-batch values as Python floats. ``beat`` is told each phase.
@@ -405,7 +437,8 @@ def train_step(job: Job, batches: Iterator, lr: float, beat: Heartbeat) -> StepR
     sums = torch.zeros(1 + len(loss_parts(job.spec)), dtype=torch.float64, device=job.device)
     data_wait = backward = 0.0
     clock = TeacherClock()
-    for _ in range(job.accum):
+    grad_norm = None
+    for k in range(job.accum):
         t_data = beat.mark("data")
         x, y = next(batches)
         t_forward = beat.mark("forward")
@@ -413,11 +446,15 @@ def train_step(job: Job, batches: Iterator, lr: float, beat: Heartbeat) -> StepR
         t_backward = beat.mark("backward")
         engine.backward(loss)
         t_optimizer = beat.mark("optimizer")
-        engine.step()
+        if job.guard is not None and k == job.accum - 1:
+            norm = held_update.grad_norm(engine)
+            grad_norm = torch.tensor([norm if job.env.is_main else 0.0], dtype=torch.float64, device=job.device)
+        else:
+            engine.step()
         sums += values.double()
         data_wait += t_forward - t_data
         backward += t_optimizer - t_backward
-    return StepResult(sums / job.accum, data_wait, backward, clock)
+    return StepResult(sums / job.accum, data_wait, backward, clock, grad_norm)
 
 
 def micro_batch_loss(
@@ -554,6 +591,8 @@ def metrics_record(job: Job, progress: Progress, window: LogWindow, loss_step: f
     if window.z_loss is not None:
         ce, z = (total / window.z_steps for total in window.z_loss)
         record |= {"ce_loss": ce, "z_loss": z}  # with distill too: the same ce_loss
+    if job.guard is not None:
+        record |= job.guard.metrics()
     if len(stats["source_tokens"]) > 1:
         # the mixture as realised by this rank's readers (token shares per source, in data.train's
         # order), next to the weights asked for: with data.on_error=skip, lost shards show here
@@ -670,14 +709,16 @@ class SaveClock:
 
 def reduce_step(
     job: Job, result: StepResult, stop: distributed.StopRequest, saved: SaveClock
-) -> tuple[list[float], bool, bool]:
-    """The step's one collective: (global means of ``result.losses``, whether any rank must stop,
-    whether any rank's save clock ran out). Every rank gets the same answer, so all stop or save at
-    the same step."""
+) -> tuple[list[float], float | None, bool, bool]:
+    """The step's one collective: (global means of ``result.losses``, rank 0's ``result.grad_norm``,
+    whether any rank must stop, whether any rank's save clock ran out). Every rank gets the same
+    answer, so all stop, save or judge a step alike."""
     flags = [float(stop.requested), float(saved.minutes_due(job.spec.checkpoint.every_minutes))]
-    votes = torch.cat([result.losses, torch.tensor(flags, dtype=torch.float64).to(job.device)])
+    held = [result.grad_norm] if result.grad_norm is not None else []
+    votes = torch.cat([result.losses, *held, torch.tensor(flags, dtype=torch.float64).to(job.device)])
     *sums, stop_votes, time_votes = all_reduce_sum(votes)
-    return [total / job.env.world_size for total in sums], stop_votes > 0, time_votes > 0
+    grad_norm = sums.pop() if held else None
+    return [total / job.env.world_size for total in sums], grad_norm, stop_votes > 0, time_votes > 0
 
 
 def fit(
@@ -699,14 +740,25 @@ def fit(
         lr = lr_at(progress.step, total, spec.optim, spec.schedule)
         t_step = time.perf_counter()
         result = train_step(job, batches, lr, beat)
+        beat.mark("sync")
+        losses, grad_norm, stopping, save_due = reduce_step(job, result, stop, saved)
+        loss = losses[0]
+        if job.guard is not None:
+            decision = judge_update(job, progress.step + 1, loss, grad_norm, beat)
+            if decision.verdict is Verdict.REWIND:
+                try:
+                    progress, window = rewind(job, decision.first_spike, metrics, beat)
+                except StabilityStop as exc:
+                    log.error("%s", exc)
+                    return EXIT_ERROR
+                batches, saved = iter(job.train_loader), SaveClock(progress.step)
+            if decision.verdict is not Verdict.APPLY:
+                continue  # not a step: its number, lr and data budget go to the next one
+        elif not math.isfinite(loss):
+            log.error("step %d: loss is %s; stopping (lower optim.lr or use bf16)", progress.step + 1, loss)
+            return EXIT_ERROR
         progress.step += 1
         progress.tokens += job.tokens_per_step
-        beat.mark("sync")
-        losses, stopping, save_due = reduce_step(job, result, stop, saved)
-        loss = losses[0]
-        if not math.isfinite(loss):
-            log.error("step %d: loss is %s; stopping (lower optim.lr or use bf16)", progress.step, loss)
-            return EXIT_ERROR
         window.add(losses, time.perf_counter() - t_step, result, job.tokens_per_step, parts)
         if due(progress.step, spec.train.log_every) or progress.step == total:
             metrics.log(metrics_record(job, progress, window, loss, lr))
@@ -731,6 +783,47 @@ def fit(
             return EXIT_REQUEUE
     bar.close()
     return finish(job, progress, window, metrics, saved, beat)
+
+
+def judge_update(job: Job, step: int, loss: float, grad_norm: float | None, beat: Heartbeat) -> Decision:
+    """Apply the held update of step ``step``, or skip it (a spike, or one that calls for a rewind)."""
+    assert job.guard is not None and grad_norm is not None
+    decision = job.guard.judge(step, loss, grad_norm)
+    beat.mark("optimizer")
+    if decision.verdict is Verdict.APPLY:
+        job.engine.step()
+        return decision
+    held_update.skip(job.engine)
+    what = "spike skipped" if decision.verdict is Verdict.SKIP else "update skipped, rewinding"
+    log.warning("step %d: %s (%s): loss %.6g, grad norm %.6g", step, what, decision.why, loss, grad_norm)
+    return decision
+
+
+def rewind(job: Job, first_spike: int, metrics: MetricsLogger, beat: Heartbeat) -> tuple[Progress, LogWindow]:
+    """Collective. Go back to the last complete checkpoint before step ``first_spike``: later
+    checkpoints are moved to ``checkpoints/rewound/rewind-N/``, the rewind recorded
+    (``bigtx.stability.RewindRecord``), the checkpoint restored as on resume (which skips
+    ``stability.skip_batches`` of data after it) and the metrics cut back to its step. Raises
+    ``StabilityStop`` when no checkpoint or no rewind is left."""
+    guard, ckpt_root = job.guard, Path(job.spec.run.dir) / "checkpoints"
+    assert guard is not None
+    beat.mark("startup")
+    # A checkpoint save still in flight must finish before the checkpoints are looked at: saves are
+    # synchronous today, so none is.
+    before = [p for p in checkpoint.complete_checkpoints(ckpt_root) if checkpoint.step_of(p) < first_spike]
+    guard.check_rewind(first_spike, checkpoint.step_of(before[0]) if before else None)
+    target = before[0]
+    record = RewindRecord.after(guard, target, read_record(ckpt_root))
+    if job.env.is_main:
+        aside = ckpt_root / "rewound" / f"rewind-{record.rewinds}"
+        for path in checkpoint.set_aside_after(ckpt_root, checkpoint.step_of(target), aside):
+            log.info("rewind: moved %s (after the spikes) to %s", path.name, aside)
+        write_record(ckpt_root, record)
+    dist.barrier()
+    log.warning("rewind %d of %d: back to %s", record.rewinds, guard.cfg.max_rewinds, target)
+    progress, window = restore(job, ResumePlan(checkpoint=target, meta=checkpoint.read_meta(target)))
+    metrics.cut_back(progress.step)
+    return progress, window
 
 
 def finish(

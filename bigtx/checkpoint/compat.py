@@ -18,6 +18,8 @@ SAFE = (
     "deepspeed.log_level",
     "data.on_error",
     "data.allow_reshuffle",
+    # when a step counts as a spike, not what a step computes
+    "stability",
     # these change how the same function is computed or where it started, not the function itself;
     # the preset's effect is compared field by field
     "model.preset",

@@ -226,6 +226,27 @@ def resolve(path: Path, tag: str | None = None) -> Path:
     return candidate
 
 
+def set_aside_after(ckpt_root: Path, step: int, dest: Path) -> list[Path]:
+    """Move the checkpoints after ``step``, complete or not, under ``dest`` (their universal copies under
+    ``dest/universal``), and point ``newest`` at the newest one left (rank 0). A rewind to ``step``
+    abandons them, but nothing the user did not ask to delete is deleted: they stay readable there."""
+    moved = []
+    if ckpt_root.is_dir():
+        for p in sorted(ckpt_root.iterdir()):
+            if p.is_dir() and _TAG.match(p.name) and step_of(p) > step:
+                dest.mkdir(parents=True, exist_ok=True)
+                p.rename(dest / p.name)
+                universal = ckpt_root / "universal" / p.name
+                if universal.is_dir():
+                    (dest / "universal").mkdir(exist_ok=True)
+                    universal.rename(dest / "universal" / p.name)
+                moved.append(p)
+    left = complete_checkpoints(ckpt_root)
+    if moved and left:
+        _fsync_write(ckpt_root / NEWEST, left[0].name + "\n")
+    return moved
+
+
 def remove_incomplete(ckpt_root: Path) -> list[Path]:
     """Delete checkpoint directories that never got their commit marker (rank 0 only)."""
     removed = []

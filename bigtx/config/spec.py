@@ -394,6 +394,41 @@ class DistillSection(Section):
         return self
 
 
+class StabilitySection(Section):
+    window: int = Field(
+        100, ge=1, description="Steps of running loss and gradient-norm statistics a step is held against."
+    )
+    warmup: int = Field(
+        20, ge=2, description="Steps in the window before spikes are looked for (<= window); none is skipped before."
+    )
+    loss_k: float = Field(
+        6.0, gt=0, allow_inf_nan=False, description="A loss above mean + loss_k x std of the window is a spike."
+    )
+    grad_norm_k: float = Field(
+        6.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="A gradient norm (before clipping) above mean + grad_norm_k x std of the window is a spike.",
+    )
+    rewind_spikes: int = Field(
+        3,
+        ge=1,
+        description="This many spikes within rewind_within steps rewind to the last checkpoint before the first.",
+    )
+    rewind_within: int = Field(100, ge=1, description="Steps over which rewind_spikes are counted.")
+    skip_batches: int = Field(200, ge=0, description="Global batches of data skipped after a rewind (PaLM's recipe).")
+    max_rewinds: int = Field(3, ge=0, description="Rewinds allowed in a run; needing one more stops it with an error.")
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> StabilitySection:
+        if self.warmup > self.window:
+            raise ValueError(
+                f"warmup: {self.warmup} exceeds stability.window={self.window}; the window never holds that many "
+                "steps: lower stability.warmup or raise stability.window"
+            )
+        return self
+
+
 def _relative_note(path: str) -> str:
     return "" if Path(path).is_absolute() else f" (relative to the working directory {Path.cwd()})"
 
@@ -418,6 +453,10 @@ class RunSpec(Section):
     distill: DistillSection | None = Field(
         None, description="Knowledge distillation from a teacher model (optional; absent: plain pretraining)."
     )
+    stability: StabilitySection | None = Field(
+        None,
+        description="Loss and gradient-norm spikes: skip the step, rewind to a checkpoint (optional; absent: off).",
+    )
 
     @model_validator(mode="after")
     def _check_cross_section(self) -> RunSpec:
@@ -430,6 +469,16 @@ class RunSpec(Section):
             raise ValueError(
                 f"schedule.warmup_steps: {self.schedule.warmup_steps} is not shorter than "
                 f"train.max_steps={self.train.max_steps}; shorten the warm-up"
+            )
+        if self.stability is not None and self.precision == "fp16":
+            raise ValueError(
+                "stability: not with precision=fp16: its loss scaler counts a skipped step as a good one and skips "
+                "overflowing steps itself; use precision bf16 or fp32, or drop the stability section"
+            )
+        if self.stability is not None and self.zero.offload_optimizer:
+            raise ValueError(
+                "stability: not with zero.offload_optimizer=true: skipping a step exactly is not checked for "
+                "DeepSpeed's CPU optimizer; set zero.offload_optimizer=false or drop the stability section"
             )
         return self
 

@@ -12,6 +12,7 @@ from bigtx.checkpoint import (
     complete_checkpoints,
     remove_incomplete,
     resolve,
+    set_aside_after,
     spec_changes,
     tag_for,
     verify,
@@ -128,3 +129,25 @@ def test_fresh_start_refuses_to_overwrite(tmp_path: Path) -> None:
         prepare_run_dir(tmp_path, "none", overwrite=False, is_main=True)
     prepare_run_dir(tmp_path, "none", overwrite=True, is_main=True)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_set_aside_after_moves_later_checkpoints_and_repoints_newest(tmp_path: Path) -> None:
+    for step in (4, 8, 12):
+        (tmp_path / f"step_{step:08d}").mkdir()
+        (tmp_path / f"step_{step:08d}" / COMPLETE).write_text("{}")
+    (tmp_path / "step_00000016").mkdir()  # an interrupted save
+    (tmp_path / "universal/step_00000012").mkdir(parents=True)
+    (tmp_path / NEWEST).write_text("step_00000012\n")
+    aside = tmp_path / "rewound" / "rewind-1"
+    moved = set_aside_after(tmp_path, 8, aside)
+    assert [p.name for p in moved] == ["step_00000012", "step_00000016"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        NEWEST, "rewound", "step_00000004", "step_00000008", "universal"
+    ]  # fmt: skip
+    assert not any((tmp_path / "universal").iterdir())
+    assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*")) == [
+        "step_00000012", f"step_00000012/{COMPLETE}", "step_00000016", "universal", "universal/step_00000012"
+    ]  # fmt: skip
+    assert (tmp_path / NEWEST).read_text() == "step_00000008\n"
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000008", "step_00000004"]
+    assert set_aside_after(tmp_path, 8, aside) == [] and (tmp_path / NEWEST).read_text() == "step_00000008\n"

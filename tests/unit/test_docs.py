@@ -30,5 +30,5 @@ def test_the_readme_documents_exactly_the_fields_a_spec_has(tmp_path: Path) -> N
     block = README.read_text().split(BEGIN, 1)[1].split(END, 1)[0]
     rows = set(re.findall(r"^\| `([a-z0-9_.]+)` \|", block, flags=re.MULTILINE))
     # the optional sections set, so that their fields are leaves too
-    spec = load_spec("tiny", [f"distill.teacher={tmp_path}"])
+    spec = load_spec("tiny", [f"distill.teacher={tmp_path}", "stability.window=100"])
     assert rows == _leaves(spec_to_dict(spec))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bigtx.metrics import read_records, truncate_after
+from bigtx.metrics import MetricsLogger, read_records, truncate_after
 
 
 def write_lines(path: Path, steps: list[int], tail: str = "") -> None:
@@ -45,3 +45,20 @@ def test_plot_of_a_broken_file_exits_with_the_line(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "metrics.jsonl:2: not a metrics record" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_rewind_cuts_the_metrics_back_and_logs_on(tmp_path: Path) -> None:
+    metrics = MetricsLogger(tmp_path, enabled=True)
+    for step in range(1, 6):
+        metrics.log({"step": step, "loss": 1.0 / step})
+    metrics.cut_back(3)
+    metrics.log({"step": 4, "loss": 9.0})
+    metrics.close()
+    assert [(r["step"], r["loss"]) for r in read_records(tmp_path / "metrics.jsonl")] == [
+        (1, 1.0),
+        (2, 0.5),
+        (3, 1.0 / 3),
+        (4, 9.0),
+    ]
+    MetricsLogger(tmp_path, enabled=False).cut_back(1)  # other ranks: nothing
+    assert len(read_records(tmp_path / "metrics.jsonl")) == 4
