@@ -25,6 +25,7 @@ from bigtx.data.tokenizer import ByteTokenizer, load_tokenizer
 from bigtx.export import ExportError, WeightSource, open_source
 from bigtx.export.consolidate import find_tokenizer_file, is_hf_dir
 from bigtx.model import Transformer
+from bigtx.model.documents import Documents
 
 
 def open_teacher(path: str, data: DataSection, vocab_size: int) -> WeightSource:
@@ -91,13 +92,14 @@ def _teacher_tokenizer(source: WeightSource) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def teacher_logits(teacher: Transformer, input_ids: Tensor) -> Tensor:
-    """The teacher's logits [B, T, V] for ``input_ids`` [B, T], in its dtype, with no autograd history.
+def teacher_logits(teacher: Transformer, input_ids: Tensor, documents: Documents | None = None) -> Tensor:
+    """The teacher's logits [B, T, V] for ``input_ids`` [B, T], in its dtype, with no autograd history;
+    with ``documents`` (``data.document_mask``) it sees each document alone, as the student does.
 
     ``no_grad`` rather than ``inference_mode``: ``distill_loss`` saves these logits for its backward,
     which autograd refuses for inference tensors.
     """
-    return teacher(input_ids)
+    return teacher(input_ids, documents=documents)
 
 
 class TeacherClock:
