@@ -160,10 +160,11 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if docs is not None and docs.cu_seqlens is not None:
-            # the documents laid end to end, [B*T, heads, hd]: no transpose, nothing computed across them
+            # the documents laid end to end, [B*T, heads, hd]: no transpose, nothing computed across them.
+            # q and k in v's dtype: a LayerNorm QK-norm under autocast returns fp32, which the kernel refuses
             y = varlen_attn(
-                q.reshape(B * T, self.n_heads, self.head_dim),
-                k.reshape(B * T, self.n_kv_heads, self.head_dim),
+                q.reshape(B * T, self.n_heads, self.head_dim).to(v.dtype),
+                k.reshape(B * T, self.n_kv_heads, self.head_dim).to(v.dtype),
                 v.reshape(B * T, self.n_kv_heads, self.head_dim),
                 docs.cu_seqlens,
                 docs.cu_seqlens,
