@@ -76,20 +76,10 @@ def _init_worker(tokenizer: str, in_pool: bool = True) -> None:
 
 
 def _encode_chunk(texts: list[str], val_fraction: float) -> tuple[list[np.ndarray], list[str], int]:
-    """Each text's ids with the EOS appended, in the shards' dtype (``ids_dtype``), its split and the
-    chunk's UTF-8 bytes. Done here, in the worker, so the main process only writes: with as many
-    workers as cores it shares a core with them, and uint16 ids are half the bytes to send back."""
-    tok = _worker_tok
-    assert tok is not None
-    dtype = ids_dtype(tok.vocab_size)
-    docs = []
-    for ids in tok.encode_batch(texts):
-        doc = np.empty(len(ids) + 1, dtype)
-        doc[:-1] = ids
-        doc[-1] = tok.eos_id
-        docs.append(doc)
+    assert _worker_tok is not None
+    ids = _worker_tok.encode_batch(texts)
     splits = [split_of(t, val_fraction) for t in texts]
-    return docs, splits, sum(len(t.encode("utf-8")) for t in texts)
+    return ids, splits, sum(len(t.encode("utf-8")) for t in texts)
 
 
 # --- main side ------------------------------------------------------------------------------------
@@ -133,8 +123,7 @@ def chunk_documents(docs):
 
 
 def _encoded(chunks, tokenizer: str, val_fraction: float, workers: int):
-    """(sources, EOS-terminated documents, splits, text bytes) per chunk (``_encode_chunk``), in input
-    order; at most 2 x workers chunks in flight."""
+    """(sources, ids, splits, text bytes) per chunk, in input order; at most 2 x workers chunks in flight."""
     if workers <= 1:  # in this process; a tokenizers BPE still uses its own threads
         _init_worker(tokenizer, in_pool=False)
         for sources, texts in chunks:
@@ -295,6 +284,7 @@ def build_shards(
     total = None if any(is_compressed(f) or kind_of(f) == "parquet" for f in files) else input_bytes
     auto = shard_size is None
     start = time.perf_counter()
+    eos = np.array([tok.eos_id], dtype=dtype)
     ordinal = 0
     disable = None if progress is None else not progress  # None: only on a terminal
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="building", disable=disable) as bar:
@@ -302,11 +292,11 @@ def build_shards(
         for sources, ids, splits, nbytes in _encoded(chunks, tokenizer, val_fraction, workers):
             if not writers:  # opened at the first chunk, which an automatic shard size is measured on
                 if shard_size is None:
-                    ratio = sample_ratio([len(d) for d in ids], sources, nbytes, dtype)
+                    ratio = sample_ratio([len(d) + 1 for d in ids], sources, nbytes, dtype)
                     shard_size = auto_shard_size(input_bytes, ratio, val_fraction)
                 writers = {name: ShardSetWriter(out_dir, name, shard_size, dtype) for name in SPLITS}
             for source, doc, split in zip(sources, ids, splits):
-                writers[split].write(f"{ordinal:010d}", doc, source)
+                writers[split].write(f"{ordinal:010d}", np.concatenate([doc.astype(dtype, copy=False), eos]), source)
                 ordinal += 1
             stats.text_bytes += nbytes
             bar.update(nbytes)

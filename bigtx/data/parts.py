@@ -193,6 +193,7 @@ def build_part(
     plan = _plan_record(files, sizes, tokenizer_record(tok, tokenizer), dtype, options)
     units = plan_part(files, sizes, part - 1, parts)
     stats = ReadStats()
+    eos = np.array([tok.eos_id], dtype=dtype)
     start = time.perf_counter()
     docs = tokens = 0
 
@@ -212,7 +213,7 @@ def build_part(
         for sources, ids, splits, nbytes in _encoded(chunks, tokenizer, val_fraction, workers):
             meta = np.zeros(len(ids), DOC_DTYPE)
             for i, (source, doc, split) in enumerate(zip(sources, ids, splits)):
-                run = doc.astype(dtype.newbyteorder("<"), copy=False)
+                run = np.concatenate([doc.astype(dtype, copy=False), eos]).astype(dtype.newbyteorder("<"), copy=False)
                 tok_file.write(run.tobytes())
                 unit, rec, chars, nbytes_doc = source
                 meta[i] = (len(run), chars, nbytes_doc, unit, rec, SPLITS.index(split))
