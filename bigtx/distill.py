@@ -30,6 +30,7 @@ from bigtx.data.tokenizer import ByteTokenizer, load_tokenizer
 from bigtx.export import ExportError, WeightSource, open_source
 from bigtx.export.consolidate import find_tokenizer_file, is_hf_dir
 from bigtx.model import Transformer
+from bigtx.model.documents import Documents
 
 
 def open_teacher(path: str, data: DataSection, vocab_size: int) -> WeightSource:
@@ -118,13 +119,14 @@ def sharded_teacher(source: WeightSource, ds_config: dict[str, Any], rank: int, 
 
 
 @torch.no_grad()
-def teacher_logits(teacher: nn.Module, input_ids: Tensor) -> Tensor:
-    """The teacher's logits [B, T, V] for ``input_ids`` [B, T], in its dtype, with no autograd history.
+def teacher_logits(teacher: nn.Module, input_ids: Tensor, documents: Documents | None = None) -> Tensor:
+    """The teacher's logits [B, T, V] for ``input_ids`` [B, T], in its dtype, with no autograd history;
+    with ``documents`` (``data.document_mask``) it sees each document alone, as the student does.
 
     ``no_grad`` rather than ``inference_mode``: ``distill_loss`` saves these logits for its backward,
     which autograd refuses for inference tensors.
     """
-    return teacher(input_ids)
+    return teacher(input_ids, documents=documents)
 
 
 class OnlineTeacher:
@@ -133,10 +135,11 @@ class OnlineTeacher:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def outputs(self, x: Tensor, y: Tensor, at: tuple[int, int]) -> Tensor:
-        """The teacher's logits for inputs ``x`` [B, T], flattened to [B * T, V]; ``y`` and ``at`` (the
-        batch's position in the stream, which a cache needs) are not used."""
-        return teacher_logits(self.model, x).flatten(0, 1)
+    def outputs(self, x: Tensor, y: Tensor, at: tuple[int, int], documents: Documents | None = None) -> Tensor:
+        """The teacher's logits for inputs ``x`` [B, T] (seeing each of ``documents`` alone, as the student
+        does), flattened to [B * T, V]; ``y`` and ``at`` (the batch's position in the stream, which a
+        cache needs) are not used."""
+        return teacher_logits(self.model, x, documents).flatten(0, 1)
 
 
 class TeacherClock:

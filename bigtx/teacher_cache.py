@@ -57,6 +57,7 @@ from bigtx.distill import open_teacher
 from bigtx.export import WeightSource, open_model
 from bigtx.export.types import DTYPES
 from bigtx.model.distill_loss import TeacherTopK
+from bigtx.model.documents import find_documents
 
 FORMAT = "bigtx-teacher-cache"
 VERSION = 1
@@ -93,6 +94,7 @@ def stream_identity(spec: RunSpec, world_size: int) -> dict[str, Any]:
         "tokenizer_sha256": load_tokenizer(spec.data.tokenizer).sha256,
         "data": hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16],
         "data_sources": [s.spec for s in sources],
+        "document_mask": spec.data.document_mask,
     }
 
 
@@ -164,13 +166,15 @@ class _SlotWriter:
 
 @torch.no_grad()
 def teacher_rows(
-    teacher: torch.nn.Module, x: Tensor, y: Tensor, top_k: int, ids_dtype: np.dtype
+    teacher: torch.nn.Module, x: Tensor, y: Tensor, top_k: int, ids_dtype: np.dtype, document_eos: int | None = None
 ) -> dict[str, np.ndarray]:
     """The cache's arrays for host rows ``x``/``y`` [n, L]: top-k as ``distill_loss`` picks them online
     (``topk`` of the fp32 teacher logits), stored as fp16 log-probabilities. The teacher runs on its
-    parameters' device."""
+    parameters' device; with ``document_eos`` (``data.document_mask``) it sees each document alone."""
     device = next(teacher.parameters()).device
-    logits = teacher(x.to(device)).float()
+    x = x.to(device)
+    documents = None if document_eos is None else find_documents(x, document_eos)
+    logits = teacher(x, documents=documents).float()
     logp = torch.log_softmax(logits, dim=-1)
     ids = logits.topk(top_k, dim=-1).indices
     return {
@@ -213,6 +217,7 @@ def build_cache(
     ]  # checks the data
     teacher = open_model(source, DTYPES[spec.precision], "cuda" if torch.cuda.is_available() else "cpu")
     ids_dtype = np.dtype(np.uint16) if spec.model.vocab_size <= 1 << 16 else np.dtype(np.int32)
+    eos = loaders[0].cfg.eos_id if spec.data.document_mask else None  # the teacher sees what the student will
     out.mkdir(parents=True)
     t0 = time.perf_counter()
     slots = []
@@ -221,7 +226,7 @@ def build_cache(
         done = 0
         for x, y in loader:
             x, y = x[: rows - done], y[: rows - done]
-            writer.write(done, teacher_rows(teacher, x, y, d.top_k, ids_dtype))
+            writer.write(done, teacher_rows(teacher, x, y, d.top_k, ids_dtype, eos))
             done += len(x)
             if done == rows:
                 break
@@ -307,6 +312,7 @@ def check_cache(spec: RunSpec, world_size: int) -> dict[str, Any]:
         "data": "data.train (shard names, sha256 or weights)",
         "seed": "run.seed",
         "shuffle_buffer": "data.shuffle_buffer",
+        "document_mask": "data.document_mask",
     }
     for key, name in names.items():
         if theirs.get(key) != ours[key]:
@@ -344,9 +350,10 @@ class CachedTeacher:
         self.cache, self.manifest, self.device = Path(cache), manifest, device
         self._open: dict[int, tuple[int, dict[str, np.ndarray]]] = {}  # slot -> (first row, arrays)
 
-    def outputs(self, x: Tensor, y: Tensor, at: tuple[int, int]) -> TeacherTopK:
+    def outputs(self, x: Tensor, y: Tensor, at: tuple[int, int], documents: object = None) -> TeacherTopK:
         """The teacher's top-k for micro-batch ``x``/``y`` [n, L] at ``at`` = ``(slot, first row)``
-        (``TokenLoader.last_rows()``), flattened to [n * L, K] on the device."""
+        (``TokenLoader.last_rows()``), flattened to [n * L, K] on the device. ``documents`` is not used:
+        a cache built under ``data.document_mask`` is computed that way (``check_cache`` compares)."""
         slot, first = at
         n = x.shape[0]
         parts: list[dict[str, np.ndarray]] = []

@@ -52,6 +52,7 @@ from bigtx.memory_check import memory_report
 from bigtx.metrics import MetricsLogger, peak_tflops
 from bigtx.model import Transformer
 from bigtx.model.distill_loss import distill_loss
+from bigtx.model.documents import Documents, find_documents
 from bigtx.model.loss import cross_entropy_parts
 from bigtx.model.weights import load_weights, weight_reader
 from bigtx.optim import lr_at, param_groups
@@ -197,10 +198,15 @@ class Job:
     device: torch.device
     teacher: OnlineTeacher | CachedTeacher | None = None  # distill: run each step, or read from its cache
     guard: SpikeGuard | None = None  # with a stability section: each step's update is judged before it is applied
+    document_eos: int | None = None  # data.document_mask: the EOS id that ends each document; None: off
 
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch * self.spec.data.seq_len
+
+    def documents(self, input_ids: torch.Tensor) -> Documents | None:
+        """The documents of a packed batch under ``data.document_mask``; None (attend across the row) without."""
+        return None if self.document_eos is None else find_documents(input_ids, self.document_eos)
 
     def close(self) -> None:
         """Stop the loaders' worker processes."""
@@ -290,6 +296,7 @@ def build(spec: RunSpec, env: DistEnv, ds_config: dict[str, Any], plan: ResumePl
         distributed.device(env),
         teacher,
         SpikeGuard(spec.stability) if spec.stability is not None else None,
+        document_eos=train_loader.cfg.eos_id if spec.data.document_mask else None,
     )
 
 
@@ -465,18 +472,20 @@ def micro_batch_loss(
     its cached rows at the loader's position, timed by ``clock``); and the values to log, detached:
     [loss] and ``loss_parts``."""
     z_loss = job.spec.optim.z_loss
+    docs = job.documents(x)
     if job.teacher is None and not z_loss:
-        loss = job.engine(x, y)
+        loss = job.engine(x, y, documents=docs)
         return loss, loss.detach().view(1)
     if job.teacher is None:
         # nothing else holds the logits: their storage takes the gradient (as in Transformer.forward)
-        parts = cross_entropy_parts(job.engine(x).flatten(0, 1), y.flatten(), z_loss=z_loss, overwrite_logits=True)
+        logits = job.engine(x, documents=docs).flatten(0, 1)
+        parts = cross_entropy_parts(logits, y.flatten(), z_loss=z_loss, overwrite_logits=True)
         return parts.total, torch.stack(parts).detach()
     d = job.spec.distill
     assert d is not None
-    logits = job.engine(x).flatten(0, 1)
+    logits = job.engine(x, documents=docs).flatten(0, 1)
     with clock.timing(job.device):
-        teacher = job.teacher.outputs(x, y, job.train_loader.last_rows())
+        teacher = job.teacher.outputs(x, y, job.train_loader.last_rows(), docs)
     # nothing else holds the student's logits: their storage takes the gradient (as in Transformer.forward)
     losses = distill_loss(
         logits, teacher, y.flatten(), alpha=d.alpha, temperature=d.temperature, kind=d.kind, top_k=d.top_k,
@@ -662,7 +671,8 @@ def evaluate(job: Job) -> dict[str | None, float]:
     for set_batches, n_common in zip(batches, common):
         total = torch.zeros((), dtype=torch.float64, device=job.device)
         for x, y in set_batches[:n_common]:
-            total += job.engine(x.to(job.device), y.to(job.device)).double()
+            x = x.to(job.device)
+            total += job.engine(x, y.to(job.device), documents=job.documents(x)).double()
         parts += [total, total.new_tensor(float(n_common))]
     job.engine.train()
     reduced = all_reduce_sum(torch.stack(parts))

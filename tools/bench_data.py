@@ -9,9 +9,12 @@ core) and 2, at ``seq_len`` 2048. Target: >= 10M tokens/s with 0 workers.
 
 Builder: synthetic text (Zipf-distributed made-up words) as jsonl; a byte-level BPE is trained on part
 of it. Reported: the BPE's raw ``encode_batch`` speed on all of it (in the builder's 1 MB chunks, in this
-process, with the library's threads), ``bigtx data build`` with that BPE
-(1 and 2 worker processes), and with the ``byte`` tokenizer (the builder's own ceiling: reading,
-hashing, tar writing). Building is "limited by the tokenizer" when build ~ raw encode << byte build.
+process) on one core (``TOKENIZERS_PARALLELISM=false``: the library encodes a batch serially) and with
+the library's threads, ``bigtx data build`` with that BPE (``--workers`` 1: in the calling process, with
+the library's threads; 2: two worker processes, each one core), and with the ``byte`` tokenizer (the
+builder's own ceiling: reading, hashing, tar writing). For ``--workers P`` the table gives
+build / (P x one-core encode); the target is >= 0.85 (tokenizing in P processes costs little beyond
+the tokenizing). ``--builder-only`` skips the loader.
 
 Generated data lives under ``--workdir`` (default /tmp/bigtx_bench_data) and is reused when present.
 
@@ -46,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bpe-vocab", type=int, default=8192, help="Vocabulary of the BPE trained for the builder.")
     p.add_argument("--workdir", default="/tmp/bigtx_bench_data", help="Generated shards and text (reused).")
     p.add_argument("--out", default="bench_results/bench_data.json", help="Where to write the JSON results.")
+    p.add_argument("--builder-only", action="store_true", help="Skip the loader benchmark.")
     return p.parse_args(argv)
 
 
@@ -153,10 +157,15 @@ def bench_builder(args: argparse.Namespace) -> list[dict]:
     bpe = load_tokenizer(tok_path)
     chunks = [list(c) for _, c in chunk_documents(("", t) for t in texts)]  # the builder's task sizes
     bpe.encode_batch(chunks[0])  # warm-up
-    t0 = time.perf_counter()
-    n_tokens = sum(len(ids) for chunk in chunks for ids in bpe.encode_batch(chunk))
-    seconds = time.perf_counter() - t0
-    rows.append({"what": "BPE raw encode_batch", "mb": mb, "seconds": seconds, "tokens": n_tokens})
+    for parallel, label in (("false", "BPE encode_batch, 1 core"), ("true", "BPE encode_batch, threads")):
+        # read by the library at every batch: "false" encodes the batch's texts one after another
+        os.environ["TOKENIZERS_PARALLELISM"] = parallel
+        t0 = time.perf_counter()
+        n_tokens = sum(len(ids) for chunk in chunks for ids in bpe.encode_batch(chunk))
+        seconds = time.perf_counter() - t0
+        rows.append({"what": label, "mb": mb, "seconds": seconds, "tokens": n_tokens})
+    del os.environ["TOKENIZERS_PARALLELISM"]
+    one_core = rows[0]["mb"] / rows[0]["seconds"]
     for tokenizer, workers, label in (
         (tok_path, 1, "build, BPE, 1 worker"),
         (tok_path, 2, "build, BPE, 2 workers"),
@@ -170,7 +179,11 @@ def bench_builder(args: argparse.Namespace) -> list[dict]:
         )
         seconds = time.perf_counter() - t0
         tokens = index["splits"]["train"]["tokens"] + index["splits"]["val"]["tokens"]
-        rows.append({"what": label, "mb": mb, "seconds": seconds, "tokens": tokens})
+        row = {"what": label, "mb": mb, "seconds": seconds, "tokens": tokens}
+        if tokenizer != "byte":
+            row["workers"] = workers
+            row["of_workers_x_one_core"] = mb / seconds / (workers * one_core)
+        rows.append(row)
     for r in rows:
         r["mb_per_s"] = r["mb"] / r["seconds"]
     return rows
@@ -179,21 +192,25 @@ def bench_builder(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
-    directory = token_shards(args)
-    loader_rows = [bench_loader(directory, args, nw) for nw in (0, 2)]
+    loader_rows = []
+    if not args.builder_only:
+        directory = token_shards(args)
+        loader_rows = [bench_loader(directory, args, nw) for nw in (0, 2)]
     builder_rows = bench_builder(args)
 
-    print(f"\nloader: seq_len {args.seq_len}, micro-batch {args.micro_batch_size}, one pass over {directory}")
-    print(f"  {'num_workers':>11} {'tokens':>13} {'seconds':>8} {'M tokens/s':>11} {'first batch s':>14}")
-    for r in loader_rows:
-        print(
-            f"  {r['num_workers']:>11} {r['tokens']:>13,} {r['seconds']:>8.2f} {r['tokens_per_s'] / 1e6:>11.2f} "
-            f"{r['first_batch_s']:>14.2f}"
-        )
-    print(f"\nbuilder: {builder_rows[0]['mb']:.1f} MB of text (jsonl)")
-    print(f"  {'':<24} {'seconds':>8} {'MB/s':>8} {'tokens':>12}")
+    if loader_rows:
+        print(f"\nloader: seq_len {args.seq_len}, micro-batch {args.micro_batch_size}, one pass over {directory}")
+        print(f"  {'num_workers':>11} {'tokens':>13} {'seconds':>8} {'M tokens/s':>11} {'first batch s':>14}")
+        for r in loader_rows:
+            print(
+                f"  {r['num_workers']:>11} {r['tokens']:>13,} {r['seconds']:>8.2f} {r['tokens_per_s'] / 1e6:>11.2f} "
+                f"{r['first_batch_s']:>14.2f}"
+            )
+    print(f"\nbuilder: {builder_rows[0]['mb']:.1f} MB of text (jsonl), {os.cpu_count()} CPUs")
+    print(f"  {'':<26} {'seconds':>8} {'MB/s':>8} {'tokens':>12} {'/ (P x 1 core)':>15}")
     for r in builder_rows:
-        print(f"  {r['what']:<24} {r['seconds']:>8.2f} {r['mb_per_s']:>8.2f} {r['tokens']:>12,}")
+        ratio = f"{r['of_workers_x_one_core']:>15.3f}" if "workers" in r else ""
+        print(f"  {r['what']:<26} {r['seconds']:>8.2f} {r['mb_per_s']:>8.2f} {r['tokens']:>12,} {ratio}")
 
     result = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},

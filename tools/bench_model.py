@@ -18,7 +18,12 @@ steps minus the RSS before them: gradients, AdamW state, activations and allocat
 over rounds). Imports (transformers is the larger one) are excluded from it; "peak RSS" is the
 whole process.
 
+``--document-mask`` compares bigtx with itself under ``data.document_mask`` instead of with Hugging
+Face: the second side ("bigtx+mask") gets the same batch with an EOS every ``--doc-len`` tokens and
+its documents (``bigtx.model.documents``); ratios are then bigtx+mask against bigtx.
+
     .venv/bin/python tools/bench_model.py [--rounds 3 --reps 10 --d-model 512 ...] [--out FILE.json]
+    .venv/bin/python tools/bench_model.py --document-mask [--precisions fp32] [--seq-len 1024 ...]
 """
 
 from __future__ import annotations
@@ -38,9 +43,12 @@ from bigtx.config.spec import ModelSection
 from bigtx.export.hf import hf_config
 from bigtx.export.weight_map import LLAMA, combine, plan
 from bigtx.model import Transformer
+from bigtx.model.documents import find_documents
 
 SIDES = ("bigtx", "hf")
+MASK_SIDES = ("bigtx", "bigtx+mask")
 PRECISIONS = ("fp32", "bf16")
+EOS = 0  # the id --document-mask writes between documents
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="Rounds, each with freshly started workers.")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker.")
     p.add_argument("--out", default="bench_results/bench_model.json", help="Where to write the JSON results.")
+    p.add_argument("--document-mask", action="store_true", help="bigtx with document masking against bigtx.")
+    p.add_argument("--doc-len", type=int, default=200, help="--document-mask: tokens per document.")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS), help="Precisions run.")
     p.add_argument("--worker", nargs=3, metavar=("SIDE", "PRECISION", "WEIGHTS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -76,7 +87,7 @@ def model_config(args: argparse.Namespace) -> ModelSection:
 
 def build_side(side: str, cfg: ModelSection, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The model of ``side`` with the weights in ``state`` (bigtx key names)."""
-    if side == "bigtx":
+    if side.startswith("bigtx"):
         model = Transformer(cfg)
         model.load_state_dict(state)
         return model
@@ -108,11 +119,15 @@ def run_worker(args: argparse.Namespace) -> None:
     tokens = torch.randint(
         0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(0)
     )
+    if args.document_mask:
+        tokens[:, args.doc_len - 1 :: args.doc_len] = EOS  # the same batch on both sides
     x, y = tokens[:, :-1], tokens[:, 1:].contiguous()
 
     def step() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            if side == "bigtx":
+            if side == "bigtx+mask":  # found per step, as the trainer does
+                loss = model(x, y, documents=find_documents(x, EOS))
+            elif side == "bigtx":
                 loss = model(x, y)
             else:
                 # shift_labels: HF's own loss on exactly bigtx's targets (no internal shift)
@@ -139,8 +154,8 @@ def run_worker(args: argparse.Namespace) -> None:
 def run_round(args: argparse.Namespace, weights: Path, argv: list[str]) -> dict[tuple[str, str], dict]:
     """One round: start the four workers, alternate their steps, stop them; times, losses and memory per worker."""
     workers = {}
-    for precision in PRECISIONS:
-        for side in SIDES:
+    for precision in args.precisions:
+        for side in MASK_SIDES if args.document_mask else SIDES:
             cmd = [sys.executable, __file__, *argv, "--worker", side, precision, str(weights)]
             workers[side, precision] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     for proc in workers.values():
@@ -201,19 +216,23 @@ def main(argv: list[str] | None = None) -> None:
             "step_memory_mib": statistics.median(m["peak_rss_mib"] - m["base_rss_mib"] for m in mems),
         }
 
-    def paired(r: dict, p: str) -> list[float]:
-        return [h / b for b, h in zip(r["bigtx", p]["times"], r["hf", p]["times"])]
+    ours, other = MASK_SIDES if args.document_mask else SIDES
 
+    def paired(r: dict, p: str) -> list[float]:
+        return [h / b for b, h in zip(r[ours, p]["times"], r[other, p]["times"])]
+
+    # step-time ratios are other/ours: with --document-mask, the mask's cost (> 1: slower with it)
     ratios = {
         p: {
-            "throughput_bigtx_over_hf": statistics.median(x for r in rounds for x in paired(r, p)),
+            f"throughput_{ours}_over_{other}": statistics.median(x for r in rounds for x in paired(r, p)),
             "per_round": [statistics.median(paired(r, p)) for r in rounds],
-            "median_step": runs[f"hf/{p}"]["median_step_s"] / runs[f"bigtx/{p}"]["median_step_s"],
-            "best_step": runs[f"hf/{p}"]["best_step_s"] / runs[f"bigtx/{p}"]["best_step_s"],
-            "step_memory_bigtx_over_hf": runs[f"bigtx/{p}"]["step_memory_mib"] / runs[f"hf/{p}"]["step_memory_mib"],
-            "first_loss_abs_diff": abs(runs[f"bigtx/{p}"]["losses"][0] - runs[f"hf/{p}"]["losses"][0]),
+            "median_step": runs[f"{other}/{p}"]["median_step_s"] / runs[f"{ours}/{p}"]["median_step_s"],
+            "best_step": runs[f"{other}/{p}"]["best_step_s"] / runs[f"{ours}/{p}"]["best_step_s"],
+            f"step_memory_{ours}_over_{other}": runs[f"{ours}/{p}"]["step_memory_mib"]
+            / runs[f"{other}/{p}"]["step_memory_mib"],
+            "first_loss_abs_diff": abs(runs[f"{ours}/{p}"]["losses"][0] - runs[f"{other}/{p}"]["losses"][0]),
         }
-        for p in PRECISIONS
+        for p in args.precisions
     }
 
     print(
@@ -222,21 +241,21 @@ def main(argv: list[str] | None = None) -> None:
         f"params={cfg.num_params():,}; {args.rounds} rounds x {args.reps} timed steps after {args.warmup} warm-up"
     )
     print(
-        f"{'run':<12} {'tokens/s':>9} {'best s':>7} {'median s':>8} "
+        f"{'run':<17} {'tokens/s':>9} {'best s':>7} {'median s':>8} "
         f"{'step mem MiB':>13} {'peak RSS MiB':>13} {'loss@0':>8}"
     )
     for name, r in runs.items():
         print(
-            f"{name:<12} {r['tokens_per_s']:>9.0f} {r['best_step_s']:>7.3f} {r['median_step_s']:>8.3f} "
+            f"{name:<17} {r['tokens_per_s']:>9.0f} {r['best_step_s']:>7.3f} {r['median_step_s']:>8.3f} "
             f"{r['step_memory_mib']:>13.0f} "
             f"{r['peak_rss_mib']:>13.0f} {r['losses'][0]:>8.4f}"
         )
     for p, r in ratios.items():
         print(
-            f"{p}: throughput bigtx/hf = {r['throughput_bigtx_over_hf']:.3f} (median of paired steps; "
+            f"{p}: throughput {ours}/{other} = {r[f'throughput_{ours}_over_{other}']:.3f} (median of paired steps; "
             f"rounds {' '.join(f'{x:.3f}' for x in r['per_round'])}; median steps {r['median_step']:.3f}, "
             f"best steps {r['best_step']:.3f}), "
-            f"step memory bigtx/hf = {r['step_memory_bigtx_over_hf']:.3f}, "
+            f"step memory {ours}/{other} = {r[f'step_memory_{ours}_over_{other}']:.3f}, "
             f"|loss@0 diff| = {r['first_loss_abs_diff']:.2e}"
         )
 

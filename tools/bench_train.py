@@ -3,6 +3,7 @@
     python tools/bench_train.py [--steps 40] [--stages 0 2 3] [--out bench_results/bench_train.json]
     python tools/bench_train.py --watch-cost [--stages 2] [--repeats 3]
     python tools/bench_train.py --against DIR [--stages 3] [--repeats 4]
+    python tools/bench_train.py --document-mask [--stages 2] [--repeats 3]
 
 Every side runs on 2 local gloo ranks, one after the other, alternating, `--repeats` times:
 
@@ -22,6 +23,11 @@ that ``step_time_s`` leaves out.
 
 ``--against DIR`` instead compares `bigtx train` of this checkout with that of another one (e.g. a
 git worktree of an older commit, run with the same interpreter), alternating, same shards.
+
+``--document-mask`` instead compares `bigtx train` with ``data.document_mask`` on against off,
+alternating, same shards. On the CPU the mask path is SDPA with an explicit [B, 1, T, T] mask: every
+query-key pair of a row is computed (the causal kernel skips the upper triangle), whatever the number
+of documents, so the cost does not depend on how many boundaries the rows hold.
 """
 
 from __future__ import annotations
@@ -148,10 +154,18 @@ def bigtx_overrides(run_dir: Path, shards: Path, steps: int, precision: str, sta
     ]
 
 
-def run_bigtx(steps: int, precision: str, stage: int, shards: Path, work: Path, checkout: Path | None = None) -> float:
-    """Median step time of `bigtx train` from this checkout, or from ``checkout``."""
+def run_bigtx(
+    steps: int,
+    precision: str,
+    stage: int,
+    shards: Path,
+    work: Path,
+    checkout: Path | None = None,
+    extra: tuple[str, ...] = (),
+) -> float:
+    """Median step time of `bigtx train` from this checkout, or from ``checkout``, with ``extra`` overrides."""
     run_dir = work / f"bigtx-z{stage}-{time.monotonic_ns()}"
-    overrides = bigtx_overrides(run_dir, shards, steps, precision, stage)
+    overrides = bigtx_overrides(run_dir, shards, steps, precision, stage) + list(extra)
     cmd = [sys.executable, "-m", "bigtx.train", "tiny", *(f"--set={o}" for o in overrides)]
     env = {"BIGTX_DIST_TIMEOUT_S": "120"} | ({"PYTHONPATH": str(checkout)} if checkout else {})
     procs = spawn_local(cmd, 2, env, cwd=checkout)
@@ -325,6 +339,34 @@ def against(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def document_mask_cost(args: argparse.Namespace) -> None:
+    """`bigtx train` with data.document_mask on against off, alternating, per stage."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shards = build_shards(work)
+        times: dict[tuple[int, bool], list[float]] = {(s, m): [] for s in args.stages for m in (False, True)}
+        for _ in range(args.repeats):
+            for stage in args.stages:
+                for mask in (False, True):
+                    flag = (f"data.document_mask={str(mask).lower()}",)
+                    times[stage, mask].append(run_bigtx(args.steps, args.precision, stage, shards, work, extra=flag))
+    print(f"model {' '.join(MODEL)}; 2 ranks gloo CPU; {args.precision}; {args.repeats} alternating repeats")
+    print(f"{'config':<9} {'off s':>9} {'on s':>9} {'on/off':>7}  (each repeat's ratio)")
+    rows = []
+    for stage in args.stages:
+        off, on = statistics.median(times[stage, False]), statistics.median(times[stage, True])
+        each = [b / a for a, b in zip(times[stage, False], times[stage, True])]
+        rows.append({"zero_stage": stage, "off_step_s": off, "on_step_s": on, "on_over_off": on / off,
+                     "repeat_ratios": each})  # fmt: skip
+        print(
+            f"{'ZeRO-' + str(stage):<9} {off:>9.4f} {on:>9.4f} {on / off:>7.3f}  {' '.join(f'{r:.3f}' for r in each)}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"precision": args.precision, "steps": args.steps, "document_mask": rows}, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -336,6 +378,7 @@ def main() -> None:
     parser.add_argument("--ds-worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--watch-cost", action="store_true", help="bigtx with vs without heartbeat/watchdog/stragglers")
     parser.add_argument("--against", help="another bigtx checkout: its `bigtx train` against this one's")
+    parser.add_argument("--document-mask", action="store_true", help="bigtx with data.document_mask on vs off")
     parser.add_argument("--bigtx-worker", nargs=2, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.bigtx_worker:
@@ -346,7 +389,11 @@ def main() -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.out is None:
         suffix = "_watch" if args.watch_cost else "_against" if args.against else ""
+        suffix = "_document_mask" if args.document_mask else suffix
         args.out = f"bench_results/bench_train{suffix}.json"
+    if args.document_mask:
+        document_mask_cost(args)
+        return
     if args.against:
         against(args)
         return

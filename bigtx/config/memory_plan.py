@@ -229,7 +229,7 @@ def _norm_saved(m: ModelSection, rows: int, dim: int, act: int) -> int:
     return 8 * rows * dim + 4 * rows + (4 * dim if act < 4 else 0)
 
 
-def layer_activation_bytes(m: ModelSection, micro_batch: int, seq_len: int, act: int) -> int:
+def layer_activation_bytes(m: ModelSection, micro_batch: int, seq_len: int, act: int, documents: bool = False) -> int:
     """Bytes one block keeps for its backward (what autograd saves in ``Block.forward``).
 
     ``act``: bytes per activation element (2 under bf16/fp16, which DeepSpeed casts the module to;
@@ -238,7 +238,8 @@ def layer_activation_bytes(m: ModelSection, micro_batch: int, seq_len: int, act:
     (its output, laid out [B, T, H, hd], is the output projection's input without a copy), RoPE's
     cos/sin tables, the MLP input and its hidden tensors (SwiGLU: gate, silu(gate), up and their
     product; GELU: pre- and post-activation). Dropout adds a mask per residual branch; attention
-    dropout (the math kernel, T x T per head) is not modelled.
+    dropout (the math kernel, T x T per head) is not modelled. With ``documents`` (data.document_mask)
+    RoPE's positions differ per row, so its tables are [B, T] rather than [T] positions.
     """
     d, kv, f = m.d_model, m.kv_heads * m.head_dim, m.d_ff
     n = micro_batch * seq_len
@@ -248,7 +249,8 @@ def layer_activation_bytes(m: ModelSection, micro_batch: int, seq_len: int, act:
     if m.qk_norm:
         total += _norm_saved(m, n * m.n_heads, m.head_dim, act) + _norm_saved(m, n * m.kv_heads, m.head_dim, act)
     if m.position == "rope" and act < 4:
-        total += 4 * seq_len * (m.head_dim // 2) * act  # (cos, sin) cast for q and for k
+        positions = n if documents else seq_len
+        total += 4 * positions * (m.head_dim // 2) * act  # (cos, sin) cast for q and for k
     total += act * n * d  # MLP input
     total += act * n * f * (4 if m.mlp == "swiglu" else 2)
     if m.dropout > 0:
@@ -262,42 +264,63 @@ def _backward_working_set(m: ModelSection, tokens: int, act: int) -> int:
     return act * tokens * (2 * m.d_model + (3 if m.mlp == "swiglu" else 2) * m.d_ff)
 
 
-def saved_activation_bytes(m: ModelSection, micro_batch: int, seq_len: int, precision: str) -> int:
+def saved_activation_bytes(
+    m: ModelSection, micro_batch: int, seq_len: int, precision: str, *, documents: bool = False, device: str = "cuda"
+) -> int:
     """Bytes autograd holds at the end of the forward without activation checkpointing: every block's
     saved tensors, the final norm's, the head's input and the logits (which the loss keeps and
     overwrites with their gradient, bigtx.model.loss), the loss's targets, mask and count; in fp32
-    RoPE's (cos, sin) tables, shared by every block."""
+    RoPE's (cos, sin) tables, shared by every block; with ``documents`` the attention mask
+    (``document_bias_bytes``)."""
     act = 4 if precision == "fp32" else 2
     n = micro_batch * seq_len
+    positions = n if documents else seq_len
     outside = _norm_saved(m, n, m.d_model, act) + act * n * m.d_model + act * n * m.vocab_size + 9 * n + 8
     if m.position == "rope" and act == 4:
-        outside += 2 * seq_len * (m.head_dim // 2) * 4
+        outside += 2 * positions * (m.head_dim // 2) * 4
     if m.position == "learned":
-        outside += 8 * seq_len  # the positions the embedding looks up
-    return m.n_layers * layer_activation_bytes(m, micro_batch, seq_len, act) + outside
+        outside += 8 * positions  # the positions the embedding looks up
+    outside += document_bias_bytes(m, micro_batch, seq_len, act, documents=documents, device=device)
+    return m.n_layers * layer_activation_bytes(m, micro_batch, seq_len, act, documents) + outside
 
 
-def activation_bytes(m: ModelSection, micro_batch: int, seq_len: int, precision: str, device: str = "cuda") -> int:
+def document_bias_bytes(
+    m: ModelSection, micro_batch: int, seq_len: int, act: int, *, documents: bool, device: str
+) -> int:
+    """The one [B, 1, T, T] additive attention mask that data.document_mask shares between all layers
+    (bigtx.model.documents): none on CUDA with 16-bit activations and no dropout, where the
+    variable-length kernel needs only the documents' offsets (``documents.uses_varlen``)."""
+    if not documents or (device == "cuda" and act == 2 and m.dropout == 0):
+        return 0
+    return act * micro_batch * seq_len * seq_len
+
+
+def activation_bytes(
+    m: ModelSection, micro_batch: int, seq_len: int, precision: str, device: str = "cuda", documents: bool = False
+) -> int:
     """Peak bytes of activations per rank for one micro-batch's forward and backward.
 
     The larger of two moments. At the end of the forward: every block's saved tensors (a checkpointed
     block keeps only its input), the head's and the loss's, and the loss's fp32 chunks. During the
     blocks' backward, once the head's tensors are freed: the blocks' saved tensors, the tensors a
-    checkpointed block recomputes (one block at a time), and one block's gradients in flight.
+    checkpointed block recomputes (one block at a time), and one block's gradients in flight; with
+    ``documents`` (data.document_mask) the attention mask, alive until the first block's backward.
     Checked against measured peaks by tools/bench_plan.py.
     """
     act = 4 if precision == "fp32" else 2
     n = micro_batch * seq_len
     ac = m.activation_checkpointing
     checkpointed = [ac == "every" or (isinstance(ac, int) and i % ac == 0) for i in range(m.n_layers)]
-    layer = layer_activation_bytes(m, micro_batch, seq_len, act)
+    layer = layer_activation_bytes(m, micro_batch, seq_len, act, documents)
     block_input = act * n * m.d_model
     kept = [block_input if c else layer for c in checkpointed]
-    head = saved_activation_bytes(m, micro_batch, seq_len, precision) - m.n_layers * layer
+    saved = saved_activation_bytes(m, micro_batch, seq_len, precision, documents=documents, device=device)
+    head = saved - m.n_layers * layer
+    bias = document_bias_bytes(m, micro_batch, seq_len, act, documents=documents, device=device)
     end_of_forward = sum(kept) + head + 2 * LOSS_CHUNK_BYTES.get(device, LOSS_CHUNK_BYTES["cuda"])
     # the blocks run their backward last to first, freeing theirs: the largest moment is the last
     # block's, with all the others' tensors still kept and its own whole (recomputed if checkpointed)
-    in_backward = sum(kept[:-1]) + layer + _backward_working_set(m, n, act)
+    in_backward = sum(kept[:-1]) + layer + _backward_working_set(m, n, act) + bias
     return max(end_of_forward, in_backward)
 
 
@@ -462,7 +485,7 @@ def plan(
         zero_config,
         device,
     )
-    acts = activation_bytes(spec.model, micro, spec.data.seq_len, spec.precision, device)
+    acts = activation_bytes(spec.model, micro, spec.data.seq_len, spec.precision, device, spec.data.document_mask)
     taught = 0
     if teacher is not None and spec.distill is not None and spec.distill.source == "online":
         sharded = spec.distill.sharded(spec.zero.stage)

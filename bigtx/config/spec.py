@@ -182,6 +182,11 @@ class DataSection(Section):
         False,
         description="On resume with another world size or worker count, restart the epoch's order (else refuse).",
     )
+    document_mask: bool = Field(
+        False,
+        description="Packed rows: tokens attend only within their document (EOS ends one), positions restart per "
+        "document.",
+    )
 
     @model_validator(mode="after")
     def _check_val_names(self) -> DataSection:

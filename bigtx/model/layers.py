@@ -10,8 +10,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.varlen import varlen_attn
 
 from bigtx.config.spec import ModelSection
+from bigtx.model.documents import DocumentAttention
 
 
 class RMSNorm(nn.Module):
@@ -43,25 +45,34 @@ def rope_tables(
     The frequencies are Hugging Face Llama's (``1 / theta ** (2i / head_dim)``), computed the same way so
     the rotations match ``LlamaForCausalLM`` to the last bit in fp32.
     """
+    pos = torch.arange(start_pos, start_pos + seq_len, device=device, dtype=torch.float32)
+    return rope_tables_at(pos, head_dim, theta)
+
+
+def rope_tables_at(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """fp32 (cos, sin) tables of shape [*positions.shape, head_dim // 2] for any ``positions`` (e.g. [B, T]
+    positions that restart at each document, ``bigtx.model.documents``); as ``rope_tables`` otherwise."""
     # Computed per forward, not kept as buffers: module.bfloat16() (what DeepSpeed's bf16 mode does)
     # would round buffers to bf16, and a meta-built model would need them re-filled. The cost is
     # one tiny outer product per forward.
+    device = positions.device
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    pos = torch.arange(start_pos, start_pos + seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)
+    # one fp32 multiply per entry, as torch.outer does: the same bits as the outer product
+    freqs = positions.float()[..., None] * inv_freq
     return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` [B, T, H, head_dim] in the "rotate_half" layout (pairs are i and i + head_dim/2).
+    """Rotate ``x`` [B, T, H, head_dim] in the "rotate_half" layout (pairs are i and i + head_dim/2), by
+    tables [T, head_dim/2] (the same positions in every row) or [B, T, head_dim/2].
 
     Equals Hugging Face's ``x * cos + rotate_half(x) * sin`` with the half-size tables. Like Hugging
     Face, the rotation runs in ``x``'s dtype (the fp32 tables are cast to it): under bf16 that avoids
     an fp32 copy of every query and key.
     """
     x1, x2 = x.chunk(2, dim=-1)
-    # [T, hd/2] -> [T, 1, hd/2] to broadcast over heads
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    # [(B,) T, hd/2] -> [(B,) T, 1, hd/2] to broadcast over heads
+    cos, sin = cos[..., None, :].to(x.dtype), sin[..., None, :].to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
@@ -131,9 +142,15 @@ class Attention(nn.Module):
         self.k_norm = make_norm(cfg, self.head_dim) if cfg.qk_norm else None
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv: LayerKV | None = None, start_pos: int = 0
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        kv: LayerKV | None = None,
+        start_pos: int = 0,
+        docs: DocumentAttention | None = None,
     ) -> Tensor:
-        """Attend causally over ``x`` [B, T, d] (and over the cached positions before it when ``kv``)."""
+        """Attend causally over ``x`` [B, T, d] (and over the cached positions before it when ``kv``);
+        with ``docs``, each token only over the earlier tokens of its own document."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -142,11 +159,28 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if docs is not None and docs.cu_seqlens is not None:
+            # the documents laid end to end, [B*T, heads, hd]: no transpose, nothing computed across them.
+            # q and k in v's dtype: a LayerNorm QK-norm under autocast returns fp32, which the kernel refuses
+            y = varlen_attn(
+                q.reshape(B * T, self.n_heads, self.head_dim).to(v.dtype),
+                k.reshape(B * T, self.n_kv_heads, self.head_dim).to(v.dtype),
+                v.reshape(B * T, self.n_kv_heads, self.head_dim),
+                docs.cu_seqlens,
+                docs.cu_seqlens,
+                docs.max_len,
+                docs.max_len,
+                window_size=(-1, 0),  # causal
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+            return self.o_proj(y.view(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
         mask: Tensor | None = None
         is_causal = True
-        if kv is not None:
+        if docs is not None:
+            mask, is_causal = docs.bias, False
+        elif kv is not None:
             k, v = kv.update(k, v, start_pos)
             if start_pos > 0:
                 # SDPA's is_causal aligns the triangle top-left, wrong once keys precede the queries.

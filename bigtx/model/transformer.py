@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from bigtx.config.spec import ModelSection
+from bigtx.model.documents import DocumentAttention, Documents, attention_inputs
 from bigtx.model.layers import (
     Attention,
     GeluMLP,
@@ -28,6 +29,7 @@ from bigtx.model.layers import (
     SwiGLU,
     make_norm,
     rope_tables,
+    rope_tables_at,
     sinusoidal_table,
 )
 from bigtx.model.loss import cross_entropy
@@ -50,13 +52,18 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv: LayerKV | None = None, start_pos: int = 0
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        kv: LayerKV | None = None,
+        start_pos: int = 0,
+        docs: DocumentAttention | None = None,
     ) -> Tensor:
         """pre: x + f(norm(x)); post: norm(x + f(x)); for f = attention, then f = MLP."""
         if self.pre_norm:
-            x = x + self.drop(self.attn(_autocast_input(self.attn_norm(x)), rope, kv, start_pos))
+            x = x + self.drop(self.attn(_autocast_input(self.attn_norm(x)), rope, kv, start_pos, docs))
             return x + self.drop(self.mlp(_autocast_input(self.mlp_norm(x))))
-        x = self.attn_norm(x + self.drop(self.attn(_autocast_input(x), rope, kv, start_pos)))
+        x = self.attn_norm(x + self.drop(self.attn(_autocast_input(x), rope, kv, start_pos, docs)))
         return self.mlp_norm(x + self.drop(self.mlp(_autocast_input(x))))
 
 
@@ -70,6 +77,12 @@ def _autocast_input(h: Tensor) -> Tensor:
     if torch.is_autocast_enabled(device):
         return h.to(torch.get_autocast_dtype(device))
     return h
+
+
+def _attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention will run in for the residual stream ``x``: autocast's, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class Transformer(nn.Module):
@@ -140,37 +153,57 @@ class Transformer(nn.Module):
             table = sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model)
             self.register_buffer("pos_table", table.to(self.pos_table.device), persistent=False)
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        cache: KVCache | None = None,
+        documents: Documents | None = None,
+    ) -> Tensor:
         """Logits [B, T, vocab] for ``input_ids`` [B, T], or the mean cross-entropy if ``targets`` is given.
 
         ``targets`` [B, T] holds the token that should follow each position (-100: ignored); the loss
         is an fp32 scalar even under bf16 autocast. With ``cache``, the tokens sit at positions
         ``cache.length``.. and their keys/values are appended to it (activation checkpointing is off).
+        With ``documents`` (packed rows, ``bigtx.model.documents``), each token attends only to its own
+        document and positions restart at each document's start: every document gets the logits it
+        would get alone.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"positions up to {start + T} exceed model.max_seq_len={self.cfg.max_seq_len}")
+        if documents is not None and cache is not None:
+            raise ValueError("documents and cache exclude each other: decoding runs one sequence per row")
 
+        positions = documents.positions if documents is not None else None
         x = self.embed(input_ids)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device))
+            x = x + self.pos_embed(
+                torch.arange(start, start + T, device=input_ids.device) if positions is None else positions
+            )
         elif self.cfg.position == "sinusoidal":
-            x = x + self.pos_table[start : start + T]
+            x = x + (self.pos_table[start : start + T] if positions is None else self.pos_table[positions])
         x = self.drop(x)
 
         rope = None
-        if self.cfg.position == "rope":
+        if self.cfg.position == "rope" and positions is None:
             rope = rope_tables(start, T, self.cfg.head_dim, self.cfg.rope_theta, input_ids.device)
+        elif self.cfg.position == "rope":
+            rope = rope_tables_at(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        docs = None
+        if documents is not None:
+            attention_dropout = self.cfg.dropout > 0 and self.training
+            docs = attention_inputs(documents, _attention_dtype(x), attention_dropout)
         recompute = cache is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if cache is not None:
                 x = block(x, rope, cache.layers[i], start)
             elif recompute and self._checkpointed[i]:
                 # non-reentrant: works with parameters that ZeRO-3 gathers inside the forward
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, docs=docs, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, docs=docs)
         if cache is not None:
             cache.length = start + T
 

@@ -15,6 +15,7 @@ from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.memory_plan import (
     Cluster,
     activation_bytes,
+    document_bias_bytes,
     largest_module,
     layer_activation_bytes,
     model_states,
@@ -23,6 +24,7 @@ from bigtx.config.memory_plan import (
     saved_activation_bytes,
 )
 from bigtx.config.spec import ModelSection
+from bigtx.model.documents import find_documents
 from bigtx.model.transformer import Transformer
 from tools.plan_estimators import CLUSTERS, PRESETS, SETTINGS, compare
 
@@ -50,12 +52,14 @@ def test_parameter_tensors_add_up_to_the_model(overrides: dict) -> None:
     assert largest_module(cfg) == max(with_own)  # DeepSpeed's model_to_params() reads it this way
 
 
-def _saved_bytes(cfg: ModelSection, dtype: torch.dtype, batch: int, seq: int) -> int:
+def _saved_bytes(cfg: ModelSection, dtype: torch.dtype, batch: int, seq: int, documents: bool = False) -> int:
     """Bytes of the distinct storages autograd saves in a forward with targets (parameters and the
-    input ids, alive anyway, left out)."""
+    input ids, alive anyway, left out); with ``documents``, of packed rows with document masking."""
     model = Transformer(cfg).to(dtype)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     targets = torch.randint(0, cfg.vocab_size, (batch, seq))
+    ids[:, seq // 3] = 0  # an EOS: two documents per row
+    docs = find_documents(ids, eos_id=0) if documents else None
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {ids.untyped_storage().data_ptr()}
     seen: dict[int, int] = {}
 
@@ -66,7 +70,7 @@ def _saved_bytes(cfg: ModelSection, dtype: torch.dtype, batch: int, seq: int) ->
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, targets)
+        model(ids, targets, documents=docs)
     return sum(seen.values())
 
 
@@ -76,6 +80,23 @@ def test_saved_activations_are_exactly_what_autograd_saves(overrides: dict, prec
     cfg = small(**overrides)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     assert saved_activation_bytes(cfg, 2, 64, precision) == _saved_bytes(cfg, dtype, 2, 64)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_document_masking_saves_one_shared_mask_and_per_row_positions(overrides: dict, precision: str) -> None:
+    """data.document_mask on the CPU (SDPA) path: one [B, 1, T, T] mask for all layers, RoPE tables and
+    learned positions per row."""
+    cfg = small(**overrides)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    planned = saved_activation_bytes(cfg, 2, 64, precision, documents=True, device="cpu")
+    assert planned == _saved_bytes(cfg, dtype, 2, 64, documents=True)
+    mask = (2 if precision == "bf16" else 4) * 2 * 64 * 64
+    act = 2 if precision == "bf16" else 4
+    assert document_bias_bytes(cfg, 2, 64, act, documents=True, device="cpu") == mask
+    assert planned - saved_activation_bytes(cfg, 2, 64, precision) >= mask
+    # on CUDA in 16 bits the variable-length kernel needs no mask
+    assert document_bias_bytes(cfg, 2, 64, 2, documents=True, device="cuda") == 0
 
 
 def test_checkpointing_keeps_block_inputs_and_recomputes_one_block() -> None:

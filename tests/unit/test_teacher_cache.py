@@ -173,6 +173,10 @@ def test_a_cache_that_does_not_fit_the_run_is_refused_before_training(
         f"{where} was built for another data.seq_len (64 there, 32 here); {rebuild}",
         f"{where} was built for another run.seed (1234 there, 1 here); {rebuild}",
     ]
+    # a teacher that saw whole rows cannot stand in for one that sees each document alone
+    assert problems(cached_spec(teacher, byte_shards, cache, "data.document_mask=true")) == [
+        f"{where} was built for another data.document_mask (False there, True here); {rebuild}"
+    ]
     assert problems(cached_spec(teacher, byte_shards, cache), world_size=4) == [
         f"{where} was built for 2 data slots (world size x readers per rank), this run has 4 x 1 = 4; use a "
         "layout with 2 slots or rebuild it with --world-size"
