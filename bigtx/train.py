@@ -38,6 +38,7 @@ import yaml
 import bigtx
 from bigtx import checkpoint, distributed, heartbeat, lifetime, zero3
 from bigtx.checkpoint.resume import FINISHED, ResumePlan, plan_resume
+from bigtx.checkpoint.saver import Saver
 from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.layout import check_layout
@@ -196,6 +197,19 @@ class Job:
     def tokens_per_step(self) -> int:
         return self.global_batch * self.spec.data.seq_len
 
+    @functools.cached_property
+    def saver(self) -> Saver:
+        """Writes this job's checkpoints (``bigtx.checkpoint.saver``), in the background with ``checkpoint.async``."""
+        ckpt = self.spec.checkpoint
+        return Saver(
+            self.engine,
+            Path(self.spec.run.dir) / "checkpoints",
+            background=ckpt.async_,
+            keep_last=ckpt.keep_last,
+            keep_every=ckpt.keep_every,
+            commit_timeout_s=distributed.timeout().total_seconds(),
+        )
+
     def close(self) -> None:
         """Stop the loaders' worker processes."""
         for loader in (self.train_loader, *self.val_loaders.values()):
@@ -297,7 +311,6 @@ def restore(job: Job, plan: ResumePlan) -> tuple[Progress, LogWindow]:
 
 def save_checkpoint(job: Job, progress: Progress, window: LogWindow) -> Path:
     spec, env = job.spec, job.env
-    ckpt_root = Path(spec.run.dir) / "checkpoints"
     rank_state = {"loader": job.train_loader.state_dict(), "rng": rng_state(), "rank": env.rank}
     meta = {
         "step": progress.step,
@@ -314,11 +327,8 @@ def save_checkpoint(job: Job, progress: Progress, window: LogWindow) -> Path:
         "log_window": window.saved(),
     }
     t0 = time.perf_counter()
-    path = checkpoint.save(job.engine, ckpt_root, progress.step, rank_state, meta)
-    if env.is_main:
-        for old in checkpoint.apply_retention(ckpt_root, spec.checkpoint.keep_last, spec.checkpoint.keep_every):
-            log.info("retention: removed %s", old.name)
-    log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
+    path = job.saver.save(progress.step, rank_state, meta)
+    log.info("checkpoint %s: training paused %.2fs for it", path.name, time.perf_counter() - t0)
     return path
 
 
@@ -711,6 +721,7 @@ def fit(
             save_checkpoint(job, progress, window)
             saved.mark(progress.step)
         if stopping:
+            job.saver.wait()  # the requeued job must find this checkpoint committed
             log.warning(
                 "stop requested (%s): checkpointed at step %d, exiting with %d so the launcher requeues",
                 stop.signal_name or "another rank",
@@ -736,6 +747,7 @@ def finish(
     if job.spec.checkpoint.save_at_end and saved.step != progress.step:
         beat.mark("save")
         save_checkpoint(job, progress, window)
+    job.saver.wait()  # FINISHED comes after the last checkpoint's commit
     if job.env.is_main:
         (run_dir / FINISHED).write_text(f"step {progress.step}\n")
         tb = run_dir / "tb"
