@@ -12,8 +12,8 @@ How a save runs (the layout and the commit marker are ``bigtx.checkpoint.store``
    state dicts alias the live parameters and optimizer state, which the next step overwrites. This
    copy is the whole training stall.
 3. Writer (main thread, or the background thread): each file is ``torch.save``d through a hashing
-   file object (sha256 computed from the bytes as they are written, no second read), fsynced and
-   renamed into place; then the rank writes ``digests/rankNNNNN.json`` listing its files.
+   file object (sha256 computed from the bytes as they are written, no second read) and renamed
+   into place (``hashed_io.save_hashed``); then the rank writes ``digests/rankNNNNN.json`` listing its files.
 4. Commit, rank 0's writer: once every rank's digest list is there it writes ``COMPLETE.json`` and
    then ``newest``, and applies retention. A crash before that leaves the previous checkpoint newest.
 
@@ -58,7 +58,6 @@ from bigtx.checkpoint.store import (
     NEWEST,
     CheckpointError,
     _barrier,
-    _fsync_dir,
     _fsync_write,
     _world,
     apply_retention,
@@ -235,7 +234,6 @@ class Saver:
         if meta_text is not None:
             _fsync_write(path / META, meta_text)
             digests[META] = {"bytes": len(meta_text.encode()), "sha256": hashlib.sha256(meta_text.encode()).hexdigest()}
-        _fsync_dir(path)  # the renames above are durable before the digest list says they happened
         (path / DIGESTS).mkdir(exist_ok=True)
         _fsync_write(path / DIGESTS / f"rank{self._rank:05d}.json", json.dumps(digests))
         if self._rank == 0:
