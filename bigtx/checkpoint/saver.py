@@ -31,8 +31,10 @@ compiled async-io op, Nebula an Azure service, DataStates an external package. N
 only after every rank's files are written and hashed" without the rest of this module anyway.
 
 At most one save is in flight: the next ``save`` and ``wait`` block until it is written (and, on
-rank 0, committed). Test-only: ``BIGTX_TEST_COMMIT_DELAY_S`` makes rank 0 sleep that long before
-each commit, so that a test can kill a run whose background save is written but not committed.
+rank 0, committed).
+
+Test-only: ``BIGTX_TEST_COMMIT_DELAY_S`` makes rank 0 sleep that long before each commit, so that a
+test can kill a run whose background save is written but not committed.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ class _Capture(CheckpointEngine):
 
 def capture(engine: Any, ckpt_root: Path, tag: str) -> dict[str, Any]:
     """Collective: DeepSpeed's ``save_checkpoint`` with its writes captured; returns this rank's files
-    (name inside the checkpoint -> state dict). The state dicts may alias live tensors."""
+    (name inside the checkpoint -> state dict). The state dicts may alias live tensors. Swaps the
+    engine's ``checkpoint_engine`` attribute, which DeepSpeed 0.19.8 writes every file through."""
     path = ckpt_root / tag
     catcher = _Capture()
     own, engine.checkpoint_engine = engine.checkpoint_engine, catcher
