@@ -39,6 +39,7 @@ import yaml
 import bigtx
 from bigtx import checkpoint, distributed, heartbeat, held_update, lifetime, zero3
 from bigtx.checkpoint.resume import FINISHED, ResumePlan, plan_resume
+from bigtx.checkpoint.saver import Saver
 from bigtx.config import RunSpec, SpecError, add_spec_args, load_spec, spec_hash, spec_to_dict
 from bigtx.config.deepspeed_config import derive_deepspeed_config, derive_teacher_config
 from bigtx.config.layout import check_layout
@@ -208,6 +209,19 @@ class Job:
         """The documents of a packed batch under ``data.document_mask``; None (attend across the row) without."""
         return None if self.document_eos is None else find_documents(input_ids, self.document_eos)
 
+    @functools.cached_property
+    def saver(self) -> Saver:
+        """Writes this job's checkpoints (``bigtx.checkpoint.saver``), in the background with ``checkpoint.async``."""
+        ckpt = self.spec.checkpoint
+        return Saver(
+            self.engine,
+            Path(self.spec.run.dir) / "checkpoints",
+            background=ckpt.async_,
+            keep_last=ckpt.keep_last,
+            keep_every=ckpt.keep_every,
+            commit_timeout_s=distributed.timeout().total_seconds(),
+        )
+
     def close(self) -> None:
         """Stop the loaders' worker processes."""
         for loader in (self.train_loader, *self.val_loaders.values()):
@@ -340,7 +354,6 @@ def restore_guard(job: Job, path: Path, meta: dict[str, Any]) -> None:
 
 def save_checkpoint(job: Job, progress: Progress, window: LogWindow) -> Path:
     spec, env = job.spec, job.env
-    ckpt_root = Path(spec.run.dir) / "checkpoints"
     rank_state = {"loader": job.train_loader.state_dict(), "rng": rng_state(), "rank": env.rank}
     meta = {
         "step": progress.step,
@@ -359,11 +372,8 @@ def save_checkpoint(job: Job, progress: Progress, window: LogWindow) -> Path:
     if job.guard is not None:
         meta["stability"] = job.guard.saved()
     t0 = time.perf_counter()
-    path = checkpoint.save(job.engine, ckpt_root, progress.step, rank_state, meta)
-    if env.is_main:
-        for old in checkpoint.apply_retention(ckpt_root, spec.checkpoint.keep_last, spec.checkpoint.keep_every):
-            log.info("retention: removed %s", old.name)
-    log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
+    path = job.saver.save(progress.step, rank_state, meta)
+    log.info("checkpoint %s: training paused %.2fs for it", path.name, time.perf_counter() - t0)
     return path
 
 
@@ -784,6 +794,7 @@ def fit(
             save_checkpoint(job, progress, window)
             saved.mark(progress.step)
         if stopping:
+            job.saver.wait()  # the requeued job must find this checkpoint committed
             log.warning(
                 "stop requested (%s): checkpointed at step %d, exiting with %d so the launcher requeues",
                 stop.signal_name or "another rank",
@@ -818,8 +829,8 @@ def rewind(job: Job, first_spike: int, metrics: MetricsLogger, beat: Heartbeat) 
     guard, ckpt_root = job.guard, Path(job.spec.run.dir) / "checkpoints"
     assert guard is not None
     beat.mark("startup")
-    # A checkpoint save still in flight must finish before the checkpoints are looked at: saves are
-    # synchronous today, so none is.
+    # a save still in flight (checkpoint.async) must be committed, or fail, before the checkpoints are looked at
+    job.saver.wait()
     before = [p for p in checkpoint.complete_checkpoints(ckpt_root) if checkpoint.step_of(p) < first_spike]
     guard.check_rewind(first_spike, checkpoint.step_of(before[0]) if before else None)
     target = before[0]
@@ -850,6 +861,7 @@ def finish(
     if job.spec.checkpoint.save_at_end and saved.step != progress.step:
         beat.mark("save")
         save_checkpoint(job, progress, window)
+    job.saver.wait()  # FINISHED comes after the last checkpoint's commit
     if job.env.is_main:
         (run_dir / FINISHED).write_text(f"step {progress.step}\n")
         tb = run_dir / "tb"

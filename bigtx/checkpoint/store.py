@@ -6,14 +6,15 @@ Layout of ``RUN_DIR/checkpoints``::
         mp_rank_00_model_states.pt, *_optim_states.pt ...   written by DeepSpeed, each rank its shards
         bigtx_rank00000.pt         per rank: data-loader position and RNG states
         bigtx_meta.json            step, tokens, resolved spec and hash, bigtx version, world size
+        digests/rank00000.json     per rank: the files it wrote, with size and sha256 (until the commit)
         COMPLETE.json              the commit: every file with size and sha256, written last
     newest                         name of the newest complete checkpoint, replaced atomically
     universal/step_00000020/       DeepSpeed universal form, made when the world size changes
 
 DeepSpeed writes its own ``latest`` before its final barrier, so a crash can leave it pointing at
 a partial checkpoint; bigtx never writes or reads it. A checkpoint counts only once every rank has
-finished (barrier) and rank 0 has written ``COMPLETE.json``; anything without it is ignored on
-resume and removed.
+written and hashed its files (its digest list is there) and rank 0 has written ``COMPLETE.json``;
+anything without it is ignored on resume and removed. ``bigtx.checkpoint.saver`` writes them.
 """
 
 from __future__ import annotations
@@ -108,10 +109,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _payload_files(path: Path) -> list[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in (COMPLETE,))
-
-
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -137,46 +134,6 @@ def _all_gather(local: Any) -> list[Any]:
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, local)
     return parts
-
-
-def save(
-    engine: Any,
-    ckpt_root: Path,
-    step: int,
-    rank_state: dict[str, Any],
-    meta: dict[str, Any],
-) -> Path:
-    """Collective: every rank saves its shards; returns the committed checkpoint directory."""
-    rank, _ = _world()
-    tag = tag_for(step)
-    path = ckpt_root / tag
-    if rank == 0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        if path.exists():  # a leftover of a run killed while saving this very step
-            shutil.rmtree(path)
-    _barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
-    tmp = rank_file(path, rank).with_suffix(".tmp")
-    torch.save(rank_state, tmp)
-    os.replace(tmp, rank_file(path, rank))
-    if rank == 0:
-        _fsync_write(path / META, json.dumps(meta, indent=2, sort_keys=True))
-    _barrier()  # every rank has finished writing
-    files = _payload_files(path) if rank == 0 else None
-    holder = [files]
-    if _world()[1] > 1:
-        dist.broadcast_object_list(holder, src=0)
-    files = holder[0]
-    assert files is not None
-    local = {
-        name: {"bytes": (path / name).stat().st_size, "sha256": sha256_file(path / name)} for name in _share(files)
-    }
-    digests = {name: entry for part in _all_gather(local) for name, entry in part.items()}
-    if rank == 0:
-        _fsync_write(path / COMPLETE, json.dumps({"step": step, "files": digests}, indent=1, sort_keys=True))
-        _fsync_write(ckpt_root / NEWEST, tag + "\n")
-    _barrier()
-    return path
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:

@@ -57,7 +57,9 @@ def spec_tables_markdown() -> str:
         out.append(f"#### `{name}` — {field.description}\n")
         out.append("| field | type | default | description |\n|---|---|---|---|")
         for fname, f in model.model_fields.items():
-            out.append(f"| `{name}.{fname}` | `{_type_name(f.annotation)}` | {_default(f)} | {f.description} |")
+            out.append(
+                f"| `{name}.{f.alias or fname}` | `{_type_name(f.annotation)}` | {_default(f)} | {f.description} |"
+            )
         out.append("")
     out.append("#### top-level fields\n")
     out.append("| field | type | default | description |\n|---|---|---|---|")

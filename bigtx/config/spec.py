@@ -312,6 +312,9 @@ class ZeroSection(Section):
 
 
 class CheckpointSection(Section):
+    # `async` is a Python keyword: the field is `async_` in code and `async` in specs and spec.yaml
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, serialize_by_alias=True)
+
     every_steps: int = Field(0, ge=0, description="Save every N steps (0: off).")
     every_minutes: float = Field(
         0.0, ge=0, description="Save when this many minutes passed since the last save (0: off)."
@@ -325,6 +328,11 @@ class CheckpointSection(Section):
     )
     overwrite: bool = Field(False, description="With resume=none, allow starting over an existing run directory.")
     save_at_end: bool = Field(True, description="Save a checkpoint when the run finishes.")
+    async_: bool = Field(
+        False,
+        alias="async",
+        description="Write, hash and commit in the background; training stalls only for a copy to host memory.",
+    )
 
 
 class WatchdogSection(Section):

@@ -46,11 +46,19 @@ def reference(root: Path, shards: Path, name: str) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+# name -> (the reference configuration, overrides of the interrupted run): an asynchronous save must
+# continue exactly as the synchronous reference does
+CONTINUATIONS = {**{name: (name, []) for name in CONFIGS}, "zero2-async": ("zero2", ["checkpoint.async=true"])}
+
+
+@pytest.mark.parametrize("name", list(CONTINUATIONS))
 def test_exact_continuation_after_sigkill(tmp_path: Path, byte_shards: Path, references: Path, name: str) -> None:
-    ref = reference(references, byte_shards, name)
+    config, extra = CONTINUATIONS[name]
+    ref = reference(references, byte_shards, config)
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(run_dir, byte_shards, "train.max_steps=30", "checkpoint.every_steps=20", *CONFIGS[name])
+    overrides = tiny_overrides(
+        run_dir, byte_shards, "train.max_steps=30", "checkpoint.every_steps=20", *CONFIGS[config], *extra
+    )
     run = start("tiny", overrides, 2, tmp_path / "logs")
     kill_after(run, run_dir / CKPT20 / "COMPLETE.json")
     assert not (run_dir / "FINISHED").exists(), "the run finished before it could be killed"
@@ -58,6 +66,8 @@ def test_exact_continuation_after_sigkill(tmp_path: Path, byte_shards: Path, ref
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert sorted(train_records(run_dir)) == list(range(1, 31))  # contiguous, nothing repeated
     same_steps(ref, run_dir, range(21, 31))
+    # the end of training waited for the last save to be committed
+    assert (run_dir / "checkpoints/newest").read_text().strip() == "step_00000030"
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Path, byte_shards: Path) -> None:
@@ -79,6 +89,30 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Path, byte_shards:
     after = train_records(run_dir)
     assert sorted(after) == list(range(1, 31))
     for step in range(11, 21):  # the resumed run retraces the lost steps bit for bit
+        for key in ("loss", "grad_norm", "lr"):
+            assert after[step][key] == before[step][key], (step, key)
+
+
+def test_kill_during_background_save_keeps_previous_checkpoint(tmp_path: Path, byte_shards: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        run_dir, byte_shards, "train.max_steps=30", "checkpoint.every_steps=10", "checkpoint.async=true"
+    )
+    # rank 0 holds each commit back 5 s: the step-20 save is then written and hashed on both ranks
+    # (their digest lists are there) but not committed, while training goes on
+    run = start("tiny", overrides, 2, tmp_path / "logs", env={"BIGTX_TEST_COMMIT_DELAY_S": "5"})
+    lists = [run_dir / CKPT20 / f"digests/rank{r:05d}.json" for r in range(2)]
+    wait_until(lambda: all(f.exists() for f in lists) and max(train_records(run_dir), default=0) >= 22, 60, "step 22")
+    kill_after(run, run_dir / CKPT20)
+    assert not (run_dir / CKPT20 / "COMPLETE.json").exists(), "the background save was committed before the kill"
+    assert (run_dir / "checkpoints/newest").read_text().strip() == "step_00000010"
+    before = train_records(run_dir)
+    train("tiny", overrides, 2, tmp_path / "logs")
+    log = (run_dir / "train.log").read_text()
+    assert "removed incomplete checkpoint" in log and "step_00000010" in log.split("resumed from")[1].splitlines()[0]
+    after = train_records(run_dir)
+    assert sorted(after) == list(range(1, 31))
+    for step in range(11, max(before) + 1):  # the resumed run retraces the lost steps bit for bit
         for key in ("loss", "grad_norm", "lr"):
             assert after[step][key] == before[step][key], (step, key)
 
