@@ -7,24 +7,37 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 
-from bigtx.checkpoint import CheckpointError, save, verify
+from bigtx.checkpoint import CheckpointError, verify
 from bigtx.checkpoint.resume import _on_rank0, find_resume_point, plan_resume
+from bigtx.checkpoint.saver import Saver
 from bigtx.checkpoint.store import COMPLETE, META, NEWEST, load_rank_state
 from bigtx.config import load_spec, spec_to_dict
 from tests.harness import run_ranks
 
 
 class FakeEngine:
-    """Writes what DeepSpeed's ``save_checkpoint`` would: one file per rank, its bytes depending on the rank."""
+    """Saves what DeepSpeed's ``save_checkpoint`` would, through its ``checkpoint_engine`` as DeepSpeed does:
+    one file per rank, its bytes depending on the rank."""
+
+    checkpoint_engine: Any = None
 
     def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
         rank = dist.get_rank()
         (Path(root) / tag).mkdir(parents=True, exist_ok=True)
-        (Path(root) / tag / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(bytes([rank]) * (1000 + rank))
+        state = {"rank": rank, "optimizer": torch.full((1000 + rank,), rank, dtype=torch.uint8)}
+        self.checkpoint_engine.save(state, str(Path(root) / tag / f"zero_pp_rank_{rank}_optim_states.pt"))
+
+
+def save(ckpt_root: Path, step: int, rank_state: dict, meta: dict) -> Path:
+    """A synchronous bigtx save, as the trainer makes it."""
+    saver = Saver(FakeEngine(), ckpt_root, background=False, keep_last=3, keep_every=0, commit_timeout_s=60)
+    return saver.save(step, rank_state, meta)
 
 
 def same_on_every_rank(value: object) -> list:
@@ -41,7 +54,7 @@ def meta_for(step: int, spec: dict) -> dict:
 def _save_and_verify(rank: int, world: int, root: str) -> None:
     ckpt_root = Path(root) / "checkpoints"
     spec = spec_to_dict(load_spec("tiny"))
-    path = save(FakeEngine(), ckpt_root, 20, {"rank": rank, "loader": {"pos": [rank, 7]}}, meta_for(20, spec))
+    path = save(ckpt_root, 20, {"rank": rank, "loader": {"pos": [rank, 7]}}, meta_for(20, spec))
     same_on_every_rank(str(path))
     recorded = json.loads((path / COMPLETE).read_text())["files"]
     expected = {f"zero_pp_rank_{r}_optim_states.pt" for r in range(world)} | {META}
@@ -67,7 +80,7 @@ def _resume_falls_back_alike(rank: int, world: int, root: str) -> None:
     ckpt_root = Path(root) / "checkpoints"
     spec = spec_to_dict(load_spec("tiny"))
     for step in (10, 20):
-        save(FakeEngine(), ckpt_root, step, {"rank": rank}, meta_for(step, spec))
+        save(ckpt_root, step, {"rank": rank}, meta_for(step, spec))
     dist.barrier()
     if rank == 0:
         victim = ckpt_root / "step_00000020" / "zero_pp_rank_1_optim_states.pt"
