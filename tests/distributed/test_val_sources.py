@@ -35,7 +35,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, documents: None = None) -> torch.Tensor:
         self.calls += 1
         return x.mean()
 
@@ -70,6 +70,7 @@ def _evaluate_named_sets(rank: int, world_size: int) -> None:
         val_loaders={name: ListLoader(v[rank]) for name, v in values.items()},
         engine=engine,
         device=torch.device("cpu"),
+        documents=lambda x: None,  # no data.document_mask
     )
     losses = evaluate(job)
     # web (1+2+5+6)/4, code (10+20)/2; val_loss weighs by batches (= tokens): (14+30)/(4+2)

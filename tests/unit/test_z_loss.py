@@ -18,7 +18,7 @@ def _job(z_loss: float) -> SimpleNamespace:
     spec = load_spec("tiny", [f"optim.z_loss={z_loss}"])
     model = Transformer(spec.model)
     model.init_weights(spec.run.seed)
-    return SimpleNamespace(spec=spec, engine=model, teacher=None)
+    return SimpleNamespace(spec=spec, engine=model, teacher=None, documents=lambda x: None)
 
 
 @pytest.mark.parametrize("z_loss", [1e-4, 1e-2])
