@@ -32,7 +32,7 @@ def doctor(run_dir: Path) -> tuple[int, dict]:
 
 
 def test_a_rank_slow_on_purpose_is_named_the_slowest(tmp_path: Path, byte_shards: Path) -> None:
-    """Rank 1 gets every batch 0.2 s late (tests/distributed/slow_rank.py): every metrics line names it,
+    """Rank 1 gets every batch 0.5 s late (tests/distributed/slow_rank.py): every metrics line names it,
     with its data wait, and `bigtx doctor` repeats it for the finished run."""
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(run_dir, byte_shards, "train.max_steps=8", "train.log_every=4", "train.eval_every=0")
@@ -42,16 +42,17 @@ def test_a_rank_slow_on_purpose_is_named_the_slowest(tmp_path: Path, byte_shards
         2,
         tmp_path / "logs",
         module="tests.distributed.slow_rank",
-        env={"BIGTX_TEST_SLOW_RANK": "1", "BIGTX_TEST_SLOW_S": "0.2"},
+        env={"BIGTX_TEST_SLOW_RANK": "1", "BIGTX_TEST_SLOW_S": "0.5"},
     )
     assert run.wait(120) == [0, 0], run.output()
     lines = train_records(run_dir)
     assert sorted(lines) == [4, 8]
     for record in lines.values():
         assert record["slowest_rank"] == 1
-        assert 0.2 <= record["slowest_data_wait_s"] < 0.4
+        assert 0.5 <= record["slowest_data_wait_s"] < 0.8
         other = 2 * record["median_busy_s"] - record["slowest_busy_s"]  # the median of two is their mean
-        assert record["slowest_busy_s"] - other > 0.15, record
+        # half the delay: rank 0's own busy time swings by a tenth of a second on a loaded 2-core machine
+        assert record["slowest_busy_s"] - other > 0.25, record
     code, report = doctor(run_dir)
     assert (code, report["status"]) == (0, "finished")
     assert f"slowest rank at step 8: rank 1 on host {socket.gethostname()}, busy 0." in report["lines"][1]

@@ -300,15 +300,16 @@ def test_logits_match_hugging_face_llama(tied: bool, n_kv_heads: int) -> None:
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-# sha256 (first 16 hex digits) of the state dict and position table after init_weights(123), as the
-# per-name seeded init produced them before initial_value existed: ZeRO-3 writes initial_value into
-# gathered parameters, so it must stay bit-identical to the unpartitioned build.
+# sha256 (first 16 hex digits) of the state dict after init_weights(123), as the per-name seeded init
+# produced it before initial_value existed: ZeRO-3 writes initial_value into gathered parameters, so it
+# must stay bit-identical to the unpartitioned build. The sinusoidal table is not hashed: it is no draw,
+# and torch's vectorised exp/sin round its last bit differently on AVX2 and AVX-512 CPUs.
 _INIT_HASHES = {
     (): "0afee273266026bf",
     (("tie_embeddings", True),): "8a3982a3826528a0",
     (("qk_norm", True),): "a377cea2cb2d15cc",
     (("bias", True), ("norm", "layernorm")): "51754349b5e52a48",
-    (("mlp", "gelu"), ("position", "sinusoidal"), ("bias", True)): "45b1ffa567eda4d6",
+    (("mlp", "gelu"), ("position", "sinusoidal"), ("bias", True)): "4158660524cf7755",
     (("position", "learned"), ("norm_placement", "post")): "992f127c5b153329",
 }
 
@@ -323,9 +324,15 @@ def test_initial_values_are_unchanged(flags: tuple) -> None:
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.contiguous().numpy().tobytes())
-    if hasattr(model, "pos_table"):
-        h.update(model.pos_table.numpy().tobytes())
     assert h.hexdigest()[:16] == _INIT_HASHES[flags]
+    if hasattr(model, "pos_table"):  # sin/cos of pos / 10000^(2i/d) in fp64 (fp32 angles make 1e-5 of error)
+        length, dim = model.pos_table.shape
+        angle = torch.arange(length, dtype=torch.float64)[:, None] / 10000.0 ** (
+            torch.arange(0, dim, 2, dtype=torch.float64) / dim
+        )
+        assert model.pos_table.dtype == torch.float32
+        torch.testing.assert_close(model.pos_table[:, 0::2].double(), angle.sin(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(model.pos_table[:, 1::2].double(), angle.cos(), atol=1e-4, rtol=0)
     for name, p in model.named_parameters():
         value = model.initial_value(name, p.shape, seed=123)
         assert value.dtype == torch.float32 and value.device.type == "cpu" and torch.equal(value, p), name
