@@ -158,10 +158,26 @@ def init(env: DistEnv) -> None:
         # torch >= 2.10 reads the first name, older ones the second
         os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
         os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
-    elif "OMP_NUM_THREADS" not in os.environ:
-        # ranks on one box share its cores; oversubscription makes every rank slower
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    else:
+        skip_shm_comm_op()
+        if "OMP_NUM_THREADS" not in os.environ:
+            # ranks on one box share its cores; oversubscription makes every rank slower
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout(), verbose=False)
+
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU process group from building its shared-memory all-reduce op.
+
+    DeepSpeed compiles that op with the C++ compiler at every process-group start that finds it
+    missing (about a minute on a fresh machine) and sets up shared memory between the ranks, yet only
+    its ``inference_all_reduce`` uses it, which training never calls. An op marked incompatible is
+    not built (checked against DeepSpeed 0.19.8: ``comm/torch.py``'s ``build_shm_op`` reads
+    ``deepspeed.ops.__compatible_ops__``, a dict it caches on first access).
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def allow_emulated_fp16() -> bool:
