@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
+import random
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ import webdataset as wds
 from bigtx.cli.main import main
 from bigtx.data import DataError
 from bigtx.data.build import AUTO_SHARDS, auto_shard_size, build_shards, parse_size, split_of
-from bigtx.data.shards import ShardSetWriter, ids_dtype, read_shard
+from bigtx.data.shards import ShardSetWriter, ids_dtype, npy_bytes, read_shard, ustar_header
 
 EOS = 256
 
@@ -103,6 +106,52 @@ def test_shards_are_plain_tar(tmp_path):
     assert lines[0].split()[-1] == "0000000000.ids.npy" and lines[1].split()[-1] == "0000000000.source.txt"
     assert all(line.startswith("-r--r--r-- 0/0") and "1970-01-01" in line for line in lines)
     assert not os.path.exists(out / "val-000000.tar")
+
+
+def _tarfile_member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
+    return info
+
+
+def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path):
+    """The writer forms its ustar headers itself; its shards equal tarfile's archive of the same members,
+    end-of-archive record padding included."""
+    rng = np.random.default_rng(0)
+    docs = [(f"{i:010d}", rng.integers(0, 320, int(rng.integers(1, 700))), f"in/f{i % 3}.txt:{i}") for i in range(40)]
+    writer = ShardSetWriter(str(tmp_path), "train", 1 << 30, np.uint16)
+    for key, ids, source in docs:
+        writer.write(key, ids, source)
+    (entry,) = writer.close()
+    reference = tmp_path / "reference.tar"
+    with tarfile.open(reference, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, ids, source in docs:
+            for name, data in (
+                (f"{key}.ids.npy", npy_bytes(ids.astype(np.uint16))),
+                (f"{key}.source.txt", source.encode()),
+            ):
+                tar.addfile(_tarfile_member(name, len(data)), io.BytesIO(data))
+    written = (tmp_path / entry["name"]).read_bytes()
+    assert written == reference.read_bytes()
+    assert entry["bytes"] == len(written) and entry["sha256"] == hashlib.sha256(written).hexdigest()
+
+
+def test_ustar_header_is_tarfiles_for_any_name_and_size():
+    rng = random.Random(0)
+    for _ in range(2000):
+        name = "".join(rng.choice("abc019_-é") for _ in range(rng.randint(1, 40))) + rng.choice([".ids.npy", ".txt"])
+        size = rng.choice([0, 1, 511, 512, 513, rng.randint(0, 8**11 - 1), 8**11 - 1])
+        expected = _tarfile_member(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        assert ustar_header(name, size) == expected, (name, size)
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "match"),
+    [("k" * 101, 1, "longer than 100 bytes"), ("é" * 51, 1, "longer than 100 bytes"), ("k", 8**11, "do not fit")],
+)
+def test_ustar_header_refuses_what_ustar_cannot_hold(name, size, match):
+    with pytest.raises(ValueError, match=match):
+        ustar_header(name, size)
 
 
 def test_uint32_when_the_vocabulary_needs_it(tmp_path):
