@@ -87,7 +87,9 @@ def prepare_run_dir(run_dir: Path, resume: str, overwrite: bool, is_main: bool) 
 
 def find_resume_point(ckpt_root: Path, resume: str, is_main: bool) -> Path | None:
     """Collective. The checkpoint to load: ``none`` -> None; ``auto`` -> the newest that verifies
-    (falling back past corrupt ones with a warning); a path -> that one, or an error.
+    (falling back past corrupt ones with a warning), None when there is no complete checkpoint, and a
+    ``CheckpointError`` when there are some and every one is damaged (starting over would train from
+    step 0 in a run directory whose checkpoints retention then removes); a path -> that one, or an error.
     """
     if resume == "none":
         return None
@@ -103,11 +105,19 @@ def find_resume_point(ckpt_root: Path, resume: str, is_main: bool) -> Path | Non
         if problems:
             raise CheckpointError(f"checkpoint.resume: {path} is damaged:\n  " + "\n  ".join(problems))
         return path
+    damaged = []
     for path in complete_checkpoints(ckpt_root):
         problems = verify(path)
         if not problems:
             return path
         log.warning("checkpoint %s is damaged, falling back to an older one:\n  %s", path, "\n  ".join(problems))
+        damaged.append(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    if damaged:
+        raise CheckpointError(
+            f"checkpoint.resume=auto: every checkpoint in {ckpt_root} is damaged:\n  "
+            + "\n  ".join(damaged)
+            + "\nfix: restore the damaged files from a copy, or start over in a new run.dir"
+        )
     return None
 
 

@@ -96,6 +96,16 @@ def _resume_falls_back_alike(rank: int, world: int, root: str) -> None:
         plan_resume(Path(root), changed, world_size=world, total_steps=30, is_main=rank == 0)
     dist.barrier()  # every rank refused, none is left waiting in a collective
 
+    if rank == 0:  # now the last intact one is damaged too: no fresh start over damaged checkpoints
+        victim = ckpt_root / "step_00000010" / "zero_pp_rank_0_optim_states.pt"
+        victim.write_bytes(b"x" + victim.read_bytes()[1:])
+    dist.barrier()
+    with pytest.raises(
+        CheckpointError, match=r"every checkpoint in .* is damaged:\n  .*step_00000020.*\n  .*step_00000010"
+    ):
+        find_resume_point(ckpt_root, "auto", rank == 0)
+    dist.barrier()
+
 
 def _rank0_errors_reach_every_rank(rank: int, world: int) -> None:
     def fail() -> None:
