@@ -108,6 +108,15 @@ def _derived(spec: RunSpec, world_size: int) -> dict[str, Any]:
         # needed so `bigtx ckpt universal` can re-shard a checkpoint for a new world size
         "checkpoint": {"load_universal": False},
     }
+    if not _cuda_available() and spec.zero.stage >= 1:
+        # torch's AdamW steps tensor by tensor by default, holding two temporaries the size of the tensor
+        # (sqrt(v) and its quotient); foreach holds one, is bit-identical (on the CPU it runs the same kernels)
+        # and faster (65.5M elements, one thread: 354 instead of 462 ms). ZeRO 1-3 hand it one flat fp32
+        # partition per group: a 273M bf16 ZeRO-3 model on 4 ranks peaked in the optimizer step (2 x 262 MB
+        # over the states and the fp32 gradient), 1.97-1.99x its states per rank; with foreach the step stays
+        # below the forward's peak, 1.92-1.95x (tools/bench_memory.py). Under ZeRO-0 the tensors are the
+        # parameters, and foreach would hold one temporary per parameter at once. FusedAdam takes no foreach.
+        cfg["optimizer"]["params"]["foreach"] = True
     if spec.precision == "fp16":
         cfg["fp16"].update(
             {

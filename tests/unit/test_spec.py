@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from bigtx.checkpoint import spec_changes
@@ -257,6 +258,29 @@ def test_zero3_turns_off_the_global_linear_replacement(tmp_path) -> None:
     clash.write_text(json.dumps({"zero_optimization": {"memory_efficient_linear": True}}))
     with pytest.raises(ValueError, match="memory_efficient_linear"):
         derive_deepspeed_config(load_spec("tiny", ["zero.stage=3", f"deepspeed.base={clash}"]), 2)
+
+
+def test_cpu_adamw_steps_foreach_under_zero_1_to_3() -> None:
+    # one temporary of the flat fp32 partition instead of two (bigtx.config.deepspeed_config)
+    for stage in (1, 2, 3):
+        params = derive_deepspeed_config(load_spec("tiny", [f"zero.stage={stage}"]), 2)["optimizer"]["params"]
+        assert params["torch_adam"] is True and params["foreach"] is True
+    assert "foreach" not in derive_deepspeed_config(load_spec("tiny", ["zero.stage=0"]), 2)["optimizer"]["params"]
+
+
+def test_cpu_adamw_foreach_is_bit_identical_to_the_per_tensor_step() -> None:
+    # what lets bigtx switch foreach on without changing a run's numbers (torch runs the same CPU kernels)
+    gen = torch.Generator().manual_seed(0)
+    start, grads = torch.randn(1000, generator=gen), [torch.randn(1000, generator=gen) for _ in range(3)]
+    results = []
+    for foreach in (False, True):
+        p = torch.nn.Parameter(start.clone())
+        opt = torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=foreach)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append(p.detach())
+    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], start)
 
 
 # --- distill: optional, off by default; its paths are checked when the spec is validated
