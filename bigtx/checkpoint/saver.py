@@ -12,7 +12,7 @@ How a save runs (the layout and the commit marker are ``bigtx.checkpoint.store``
    state dicts alias the live parameters and optimizer state, which the next step overwrites. This
    copy is the whole training stall.
 3. Writer (main thread, or the background thread): each file is ``torch.save``d through a hashing
-   file object (sha256 computed from the bytes as they are written, no second read) and renamed
+   file object (digest computed from the bytes as they are written, no second read) and renamed
    into place (``hashed_io.save_hashed``); then the rank writes ``digests/rankNNNNN.json`` listing its files.
 4. Commit, rank 0's writer: once every rank's digest list is there it writes ``COMPLETE.json`` and
    then ``newest``, and applies retention. A crash before that leaves the previous checkpoint newest.
@@ -40,7 +40,6 @@ test can kill a run whose background save is written but not committed.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -53,7 +52,7 @@ from typing import Any
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
-from bigtx.checkpoint.hashed_io import save_hashed
+from bigtx.checkpoint.hashed_io import digest_bytes, digest_file, save_hashed
 from bigtx.checkpoint.store import (
     COMPLETE,
     META,
@@ -64,7 +63,6 @@ from bigtx.checkpoint.store import (
     _world,
     apply_retention,
     rank_file,
-    sha256_file,
     tag_for,
 )
 
@@ -236,7 +234,7 @@ class Saver:
         digests = {name: save_hashed(state, path / name) for name, state in sorted(files.items())}
         if meta_text is not None:
             _fsync_write(path / META, meta_text)
-            digests[META] = {"bytes": len(meta_text.encode()), "sha256": hashlib.sha256(meta_text.encode()).hexdigest()}
+            digests[META] = digest_bytes(meta_text.encode())
         (path / DIGESTS).mkdir(exist_ok=True)
         _fsync_write(path / DIGESTS / f"rank{self._rank:05d}.json", json.dumps(digests))
         if self._rank == 0:
@@ -257,7 +255,7 @@ class Saver:
         for f in path.rglob("*"):  # written by DeepSpeed directly (its zero_to_fp32.py), small
             name = str(f.relative_to(path))
             if f.is_file() and name not in digests and f.parent != path / DIGESTS:
-                digests[name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                digests[name] = digest_file(f)
         delay = float(os.environ.get("BIGTX_TEST_COMMIT_DELAY_S", "0"))
         if delay:
             time.sleep(delay)

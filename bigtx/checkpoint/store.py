@@ -6,8 +6,8 @@ Layout of ``RUN_DIR/checkpoints``::
         mp_rank_00_model_states.pt, *_optim_states.pt ...   written by DeepSpeed, each rank its shards
         bigtx_rank00000.pt         per rank: data-loader position and RNG states
         bigtx_meta.json            step, tokens, resolved spec and hash, bigtx version, world size
-        digests/rank00000.json     per rank: the files it wrote, with size and sha256 (until the commit)
-        COMPLETE.json              the commit: every file with size and sha256, written last
+        digests/rank00000.json     per rank: the files it wrote, with size and digest (until the commit)
+        COMPLETE.json              the commit: every file with size and XXH3-128 digest, written last
     newest                         name of the newest complete checkpoint, replaced atomically
     universal/step_00000020/       DeepSpeed universal form, made when the world size changes
 
@@ -19,7 +19,6 @@ anything without it is ignored on resume and removed. ``bigtx.checkpoint.saver``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -32,6 +31,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from bigtx.checkpoint.hashed_io import check_file
 
 COMPLETE = "COMPLETE.json"
 META = "bigtx_meta.json"
@@ -99,14 +100,6 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _world() -> tuple[int, int]:
@@ -223,14 +216,8 @@ def verify(path: Path) -> list[str]:
     files: dict[str, dict[str, Any]] = json.loads(marker.read_text())["files"]
     problems = []
     for name in _share(sorted(files)):
-        f = path / name
-        expected = files[name]
-        if not f.is_file():
-            problems.append(f"{f}: missing")
-        elif f.stat().st_size != expected["bytes"]:
-            problems.append(f"{f}: size {f.stat().st_size} != {expected['bytes']} recorded (truncated?)")
-        elif sha256_file(f) != expected["sha256"]:
-            problems.append(f"{f}: sha256 differs from the one recorded when it was saved (corrupted on disk)")
+        if problem := check_file(path / name, files[name]):
+            problems.append(problem)
     return sorted(p for part in _all_gather(problems) for p in part)
 
 

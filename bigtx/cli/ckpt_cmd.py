@@ -24,7 +24,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _verified_checkpoint(given: str, tag: str | None) -> Path:
-    """The checkpoint meant by ``given`` (and ``tag``), after checking every file against its recorded sha256."""
+    """The checkpoint meant by ``given`` (and ``tag``), after checking every file against its recorded digest."""
     from bigtx import checkpoint
 
     try:
@@ -45,7 +45,7 @@ def _verify(args: argparse.Namespace) -> int:
     path = _verified_checkpoint(args.path, args.tag)
     recorded = len(json.loads((path / COMPLETE).read_text())["files"])
     if recorded:
-        print(f"{path}: ok (sha256 checked for {recorded} file(s))")
+        print(f"{path}: ok (size and digest checked for {recorded} file(s))")
     else:
         print(f"{path}: complete, but no file digests were recorded (a universal copy made from a verified checkpoint)")
     return 0
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = csub.add_parser("list", help="complete checkpoints of a run, newest first")
     q.add_argument("run_dir", metavar="RUN_DIR")
     q.set_defaults(func=_list)
-    q = csub.add_parser("verify", help="check every file of a checkpoint against its recorded sha256")
+    q = csub.add_parser("verify", help="check every file of a checkpoint against its recorded size and digest")
     q.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR")
     q.add_argument("--tag", help="checkpoint of the run: step_00000020, 20 or universal/step_... (default: newest)")
     q.set_defaults(func=_verify)

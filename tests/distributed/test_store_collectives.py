@@ -4,7 +4,6 @@ resume decision and its refusals taken alike on every rank."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import xxhash
 
 from bigtx.checkpoint import CheckpointError, verify
 from bigtx.checkpoint.resume import _on_rank0, find_resume_point, plan_resume
@@ -62,7 +62,7 @@ def _save_and_verify(rank: int, world: int, root: str) -> None:
     assert set(recorded) == expected  # every rank's files, hashed by whichever rank got them
     for name, entry in recorded.items():
         data = (path / name).read_bytes()
-        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        assert entry == {"bytes": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
     assert (ckpt_root / NEWEST).read_text() == "step_00000020\n"
     assert load_rank_state(path, rank)["loader"] == {"pos": [rank, 7]}
     assert verify(path) == []
@@ -73,7 +73,7 @@ def _save_and_verify(rank: int, world: int, root: str) -> None:
         victim.write_bytes(b"x" + victim.read_bytes()[1:])
     dist.barrier()
     problems = same_on_every_rank(verify(path))[0]
-    assert len(problems) == 1 and "sha256 differs" in problems[0] and sorted(recorded)[1] in problems[0]
+    assert len(problems) == 1 and "xxh3_128 differs" in problems[0] and sorted(recorded)[1] in problems[0]
 
 
 def _resume_falls_back_alike(rank: int, world: int, root: str) -> None:

@@ -3,7 +3,6 @@ saves and their commit (a stand-in engine plays DeepSpeed's ``save_checkpoint``)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -12,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import xxhash
 
 from bigtx.checkpoint import complete_checkpoints, verify
 from bigtx.checkpoint.hashed_io import HashingWriter, save_hashed
@@ -27,7 +27,7 @@ def test_save_hashed_digest_is_the_files(tmp_path: Path) -> None:
     state = {"w": torch.arange(1000, dtype=torch.float32), "step": 3}
     entry = save_hashed(state, tmp_path / "a.pt")
     data = (tmp_path / "a.pt").read_bytes()
-    assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert entry == {"bytes": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temp file left
     loaded = torch.load(tmp_path / "a.pt", weights_only=True)
     assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3
@@ -39,7 +39,7 @@ def test_hashing_writer_counts_bytes_of_any_buffer(tmp_path: Path) -> None:
         writer.write(b"abc")
         writer.write(memoryview(torch.arange(4, dtype=torch.int32).numpy()))  # 16 bytes, items of 4
     data = (tmp_path / "f").read_bytes()
-    assert writer.digest() == {"bytes": 19, "sha256": hashlib.sha256(data).hexdigest()}
+    assert writer.digest() == {"bytes": 19, "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
 
 
 def test_snapshot_copies_and_keeps_storage_sharing(tmp_path: Path) -> None:

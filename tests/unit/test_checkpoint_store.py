@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from bigtx.checkpoint import (
     apply_retention,
@@ -17,18 +19,19 @@ from bigtx.checkpoint import (
     tag_for,
     verify,
 )
+from bigtx.checkpoint.hashed_io import digest_file
 from bigtx.checkpoint.resume import prepare_run_dir
-from bigtx.checkpoint.store import COMPLETE, NEWEST, CheckpointError, sha256_file
+from bigtx.checkpoint.store import COMPLETE, NEWEST, CheckpointError
 from bigtx.cli.main import main
 from bigtx.config import load_spec, spec_to_dict
 
 
-def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+def fake_checkpoint(root: Path, step: int, complete: bool = True, algorithm: str = "xxh3_128") -> Path:
     path = root / tag_for(step)
     path.mkdir(parents=True)
     (path / "shard.pt").write_bytes(bytes(range(256)) * 4)
     if complete:
-        files = {"shard.pt": {"bytes": 1024, "sha256": sha256_file(path / "shard.pt")}}
+        files = {"shard.pt": digest_file(path / "shard.pt", algorithm)}
         (path / COMPLETE).write_text(json.dumps({"step": step, "files": files}))
     return path
 
@@ -42,17 +45,47 @@ def test_only_committed_checkpoints_count(tmp_path: Path) -> None:
     assert not (tmp_path / "step_00000030").exists()
 
 
-def test_verify_detects_truncation_and_bit_flips(tmp_path: Path) -> None:
-    path = fake_checkpoint(tmp_path, 10)
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])  # sha256: checkpoints written before XXH3
+def test_verify_detects_truncation_and_bit_flips(tmp_path: Path, algorithm: str) -> None:
+    path = fake_checkpoint(tmp_path, 10, algorithm=algorithm)
     assert verify(path) == []
     data = bytearray((path / "shard.pt").read_bytes())
     data[100] ^= 1
     (path / "shard.pt").write_bytes(bytes(data))
-    assert "sha256 differs" in verify(path)[0]
+    assert f"{algorithm} differs" in verify(path)[0]
     (path / "shard.pt").write_bytes(bytes(data[:500]))
     assert "truncated" in verify(path)[0]
     (path / "shard.pt").unlink()
     assert "missing" in verify(path)[0]
+
+
+def test_digest_file_is_the_hash_of_the_bytes(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 4099
+    (tmp_path / "f").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    assert digest_file(tmp_path / "f") == {"bytes": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
+    assert digest_file(tmp_path / "f", "sha256") == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert digest_file(tmp_path / "empty") == {"bytes": 0, "xxh3_128": xxhash.xxh3_128(b"").hexdigest()}
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"bytes": 1024},
+        {"sha256": "ab"},
+        {"bytes": "1024", "xxh3_128": "ab"},
+        {"bytes": 1024, "md5": "ab"},
+        [1024],
+        None,
+    ],
+)
+def test_an_edited_commit_entry_is_a_named_problem(tmp_path: Path, entry: object) -> None:
+    path = fake_checkpoint(tmp_path, 10)
+    both = digest_file(path / "shard.pt") | digest_file(path / "shard.pt", "sha256")  # two digests: ambiguous
+    for bad in (entry, both):
+        (path / COMPLETE).write_text(json.dumps({"step": 10, "files": {"shard.pt": bad}}))
+        [problem] = verify(path)
+        assert "shard.pt: its COMPLETE.json entry" in problem and "(edited?)" in problem
 
 
 def fake_run(run_dir: Path) -> Path:
@@ -89,14 +122,14 @@ def test_resolve_finds_newest_or_the_tag_and_names_the_choices(tmp_path: Path) -
 def test_ckpt_verify_cli_reports_ok_or_the_damaged_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = fake_run(tmp_path)
     assert main(["ckpt", "verify", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.strip() == f"{root / 'step_00000020'}: ok (sha256 checked for 1 file(s))"
+    assert capsys.readouterr().out.strip() == f"{root / 'step_00000020'}: ok (size and digest checked for 1 file(s))"
     shard = root / "step_00000010" / "shard.pt"
     shard.write_bytes(b"x" + shard.read_bytes()[1:])
     assert main(["ckpt", "verify", str(tmp_path)]) == 0  # newest is intact
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         main(["ckpt", "verify", str(tmp_path), "--tag", "10"])
-    assert info.value.code == 2 and "sha256 differs" in capsys.readouterr().err
+    assert info.value.code == 2 and "xxh3_128 differs" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["ckpt", "verify", str(tmp_path), "--tag", "30"])
     assert info.value.code == 2 and "choose with --tag" in capsys.readouterr().err
