@@ -5,7 +5,8 @@
 Each case runs 2 local gloo ranks of a bare DeepSpeed engine with the config bigtx derives (the spec
 overrides in CASES). After one full step (everything DeepSpeed allocates is allocated) a rank records
 its RSS, resets its peak (Linux: ``/proc/self/clear_refs``), runs one forward and backward and reads
-the peak (VmHWM). Peak over that baseline is compared with ``activation_bytes(..., device="cpu")``.
+the peak (VmHWM). Peak over that baseline is compared with ``activation_bytes(..., device="cpu")``,
+plus, under ZeRO-3, the gathered weights the forward keeps for the backward (``held_gathered_params``).
 The models are small and the batches long, so that the gradients written during the backward (what
 else can grow) stay a few percent of the activations; glibc's mmap threshold is pinned so that every
 freed tensor leaves the RSS.
@@ -47,6 +48,15 @@ CASES: dict[str, list[str]] = {
         "precision=fp32",
     ],
     # fp32: bf16 matmuls as large as this head are slow on CPUs without bf16 units
+    # wide and short: what the forward holds is mostly gathered weights, not activations
+    "d768 L4 T64 b2 bf16 ZeRO-3": [
+        "model.d_model=768",
+        "model.n_layers=4",
+        "model.d_ff=2048",
+        "data.seq_len=64",
+        "train.micro_batch_size=2",
+        "zero.stage=3",
+    ],
     "d384 L3 T256 b8 V2048 fp32 ZeRO-3 ckpt": [
         "model.d_model=384",
         "model.n_layers=3",
@@ -127,7 +137,7 @@ def main() -> None:
         os._exit(0)  # as bigtx.train does: DeepSpeed's comm threads can abort interpreter teardown
 
     from bigtx.config import load_spec
-    from bigtx.config.memory_plan import activation_bytes
+    from bigtx.config.memory_plan import activation_bytes, held_gathered_params
 
     rows = []
     t0 = time.perf_counter()
@@ -136,6 +146,8 @@ def main() -> None:
         for name, overrides in CASES.items():
             spec = load_spec("tiny", BASE + overrides)
             planned = activation_bytes(spec.model, spec.batch_sizes(2)[0], spec.data.seq_len, spec.precision, "cpu")
+            if spec.zero.stage == 3:  # the gathered weights autograd keeps for the backward (none if checkpointed)
+                planned += (4 if spec.precision == "fp32" else 2) * held_gathered_params(spec.model)
             ranks = run_case(overrides, Path(tmp))
             measured = max(r["peak"] - r["baseline"] for r in ranks)
             rows.append(

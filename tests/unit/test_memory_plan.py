@@ -15,7 +15,9 @@ from bigtx.config.deepspeed_config import derive_deepspeed_config
 from bigtx.config.memory_plan import (
     Cluster,
     activation_bytes,
+    checkpointed_blocks,
     document_bias_bytes,
+    held_gathered_params,
     largest_module,
     layer_activation_bytes,
     model_states,
@@ -178,6 +180,45 @@ def test_a_stage_change_plans_with_that_stages_buckets() -> None:
     assert derived["reduce_bucket_size"] == 50_000_000 and stage1.buffers == defaults.buffers
 
 
+@pytest.mark.parametrize("ac", ["none", 2, "every"])
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_zero3_counts_the_linear_weights_a_forward_keeps_gathered(ac: str | int, mlp: str) -> None:
+    """Every nn.Linear weight of a block that is not checkpointed (the head is the gathered module)."""
+    spec = load_spec("tiny", ["model.n_layers=5", f"model.mlp={mlp}", f"model.activation_checkpointing={ac}"])
+    recomputed = checkpointed_blocks(spec.model)
+    assert recomputed == {"none": [False] * 5, 2: [True, False, True, False, True], "every": [True] * 5}[ac]
+    model = Transformer(spec.model)
+    expected = sum(
+        mod.weight.numel()
+        for i, block in enumerate(model.blocks)
+        if not recomputed[i]
+        for mod in block.modules()
+        if isinstance(mod, torch.nn.Linear)
+    )
+    assert held_gathered_params(spec.model) == expected
+    cluster = Cluster(1, 2, 80 * GB, 10**12)
+    params = {
+        stage: plan(
+            load_spec(
+                "tiny",
+                [
+                    "model.n_layers=5",
+                    f"model.mlp={mlp}",
+                    f"model.activation_checkpointing={ac}",
+                    f"zero.stage={stage}",
+                ],
+            ),
+            cluster,
+            suggest=False,
+        ).per_gpu.params
+        for stage in (2, 3)
+    }
+    states3, _ = model_states(spec.model, "bf16", 3, False, False, cluster)
+    assert params[3] == states3.params + 2 * expected  # bf16: two bytes per held weight
+    states2, _ = model_states(spec.model, "bf16", 2, False, False, cluster)
+    assert params[2] == states2.params  # ZeRO-2 holds the whole model anyway
+
+
 def test_llama_70b_fits_eight_nodes_and_suggests_three_from_one() -> None:
     spec = load_spec("llama-70b")
     fits = plan(spec, Cluster(8, 8, 80 * GB, 10**12))
@@ -219,12 +260,14 @@ def test_a_smaller_micro_batch_keeps_the_global_batch() -> None:
     assert len(micro) == 1
     o = micro[0].overrides
     assert o["train.micro_batch_size"] * o["train.grad_accum"] * 8 == o["train.global_batch_size"] == 1024
+    # the next micro-batch that keeps the global batch (128 sequences per rank) does not fit
+    larger_micro = next(b for b in range(o["train.micro_batch_size"] + 1, 129) if 128 % b == 0)
     larger = plan(
         load_spec(
             "llama-7b",
             [
                 "model.activation_checkpointing=none",
-                f"train.micro_batch_size={o['train.micro_batch_size'] + 1}",
+                f"train.micro_batch_size={larger_micro}",
                 "train.global_batch_size=null",
             ],
         ),
