@@ -260,27 +260,40 @@ def test_zero3_turns_off_the_global_linear_replacement(tmp_path) -> None:
         derive_deepspeed_config(load_spec("tiny", ["zero.stage=3", f"deepspeed.base={clash}"]), 2)
 
 
-def test_cpu_adamw_steps_foreach_under_zero_1_to_3() -> None:
-    # one temporary of the flat fp32 partition instead of two (bigtx.config.deepspeed_config)
+def test_cpu_adamw_steps_fused_under_zero_1_to_3() -> None:
+    # no temporary of the flat fp32 partition (bigtx.config.deepspeed_config)
     for stage in (1, 2, 3):
         params = derive_deepspeed_config(load_spec("tiny", [f"zero.stage={stage}"]), 2)["optimizer"]["params"]
-        assert params["torch_adam"] is True and params["foreach"] is True
-    assert "foreach" not in derive_deepspeed_config(load_spec("tiny", ["zero.stage=0"]), 2)["optimizer"]["params"]
+        assert params["torch_adam"] is True and params["fused"] is True and "foreach" not in params
+    assert "fused" not in derive_deepspeed_config(load_spec("tiny", ["zero.stage=0"]), 2)["optimizer"]["params"]
 
 
-def test_cpu_adamw_foreach_is_bit_identical_to_the_per_tensor_step() -> None:
-    # what lets bigtx switch foreach on without changing a run's numbers (torch runs the same CPU kernels)
+def test_cpu_fused_adamw_rounds_alike_for_any_alignment_and_thread_count() -> None:
+    # what keeps resumes exact: a partition restored into another buffer, or run with other threads,
+    # steps to the same bits (fused rounds differently from foreach, in the last bit of a few elements)
     gen = torch.Generator().manual_seed(0)
-    start, grads = torch.randn(1000, generator=gen), [torch.randn(1000, generator=gen) for _ in range(3)]
+    n = 100_003
+    start, grads = torch.randn(n, generator=gen), [torch.randn(n, generator=gen) for _ in range(3)]
+    threads = torch.get_num_threads()
     results = []
-    for foreach in (False, True):
-        p = torch.nn.Parameter(start.clone())
-        opt = torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=foreach)
-        for g in grads:
-            p.grad = g.clone()
-            opt.step()
-        results.append(p.detach())
-    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], start)
+    try:
+        for offset, nthreads, fused in ((0, 1, True), (1, 1, True), (3, 2, True), (0, 1, False)):
+            torch.set_num_threads(nthreads)
+            buf = torch.zeros(n + offset)
+            buf[offset:] = start
+            p = torch.nn.Parameter(buf[offset:])
+            opt = torch.optim.AdamW(
+                [p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=fused, foreach=not fused
+            )
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+            results.append(torch.cat([p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert not torch.equal(results[0][:n], start)
+    torch.testing.assert_close(results[0], results[3], rtol=1e-6, atol=1e-7)  # the same step, rounded differently
 
 
 # --- distill: optional, off by default; its paths are checked when the spec is validated
