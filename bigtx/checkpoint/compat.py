@@ -26,6 +26,8 @@ SAFE = (
     "model.init_from",
     "model.compile",
     "model.activation_checkpointing",
+    # the same teacher logits, replicated on every rank or partitioned (checked equal)
+    "distill.placement",
 )
 # Allowed, but the run no longer follows the curve it started on: warn.
 WARN = (
@@ -41,6 +43,9 @@ WARN = (
     "zero.",
     "deepspeed.base",
     "data.num_workers",
+    # online <-> a cache, or another cache (for a new number of data slots): the same teacher, its
+    # top-k log-probabilities rounded to fp16 in a cache; the cache's own checks decide if it fits
+    "distill.source",
 )
 
 # Fields added after checkpoints were written: an older spec lacks them, and their value here is what

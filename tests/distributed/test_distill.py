@@ -169,3 +169,35 @@ def test_a_teacher_cache_trains_as_online_top_k_resumes_on_another_layout_and_is
         f"shard {cache / 'slot00000-000000.tar'} is damaged: its sha256 is not the one manifest.json records"
         in run.output()
     )
+
+
+def test_a_resume_on_another_number_of_data_slots_switches_to_a_cache_built_for_it(
+    tmp_path: Path, byte_shards: Path
+) -> None:
+    """A 2-rank online run, resumed on 1 rank (2 data slots -> 1: the loader restarts the epoch in the new
+    order, data.allow_reshuffle) with `distill.source` switched to a cache built for 1 slot, trains as the
+    same resume with the teacher online (fp16 log-probs: within 1e-4); the switch is warned about."""
+    teacher = export_teacher(reference(TEACHER), tmp_path)
+    common = ["precision=fp32", "schedule.warmup_steps=1", "train.eval_every=0", "checkpoint.every_steps=2",
+              "train.global_batch_size=8", "train.grad_accum=null", "distill.alpha=0.5", "distill.top_k=8",
+              f"distill.teacher={teacher}"]  # fmt: skip
+    logs = tmp_path / "logs"
+    online = tmp_path / "online"
+    train("tiny", tiny_overrides(online, byte_shards, *common, "train.max_steps=2"), 2, logs)
+    cached = tmp_path / "cached"
+    shutil.copytree(online, cached)
+    cache = tmp_path / "cache"
+    build = [sys.executable, "-m", "bigtx", "distill", "cache", "tiny", *(f"--set={o}" for o in common)]
+    build += ["--set=train.max_steps=4", "--data", str(byte_shards), "--world-size", "1", "--out", str(cache)]
+    subprocess.run(build, check=True, capture_output=True, env=base_env(), cwd=REPO)
+
+    resume = [*common, "train.max_steps=4", "data.allow_reshuffle=true"]
+    train("tiny", tiny_overrides(online, byte_shards, *resume), 1, logs)
+    run = train("tiny", tiny_overrides(cached, byte_shards, *resume, f"distill.source={cache}"), 1, logs)
+    assert f"distill.source: 'online' -> '{cache}'" in run.output()
+    expected, got = train_records(online), train_records(cached)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("loss", "ce_loss", "teacher_ce"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=0), (step, key)
+        assert got[step]["kd_loss"] == pytest.approx(expected[step]["kd_loss"], rel=1e-2, abs=0), step

@@ -155,6 +155,21 @@ def test_spec_changes_safe_warn_refuse() -> None:
     assert refusals == ["data.seq_len: 64 -> 32", "model.d_ff: 176 -> 128"]
 
 
+def test_a_resume_may_switch_the_teachers_source_and_placement_but_not_the_teacher(tmp_path: Path) -> None:
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "cache").mkdir()
+    teach = ["distill.alpha=0.5", "distill.top_k=8"]
+    old = spec_to_dict(load_spec("tiny", [*teach, f"distill.teacher={tmp_path / 'teacher'}"]))
+    cached = [*teach, f"distill.teacher={tmp_path / 'teacher'}", f"distill.source={tmp_path / 'cache'}"]
+    assert spec_changes(old, spec_to_dict(load_spec("tiny", [*cached, "distill.placement=sharded"]))) == (
+        [f"distill.source: 'online' -> '{tmp_path / 'cache'}'"],
+        [],
+    )
+    other = spec_to_dict(load_spec("tiny", [*teach, f"distill.teacher={tmp_path / 'other'}"]))
+    assert spec_changes(old, other)[1] == [f"distill.teacher: '{tmp_path / 'teacher'}' -> '{tmp_path / 'other'}'"]
+
+
 def test_fresh_start_refuses_to_overwrite(tmp_path: Path) -> None:
     fake_checkpoint(tmp_path / "checkpoints", 10)
     prepare_run_dir(tmp_path, "auto", overwrite=False, is_main=True)  # resuming is fine
