@@ -6,7 +6,8 @@ Each case runs 2 local gloo ranks of a bare DeepSpeed engine with the config big
 overrides in CASES). After one full step (everything DeepSpeed allocates is allocated) a rank records
 its RSS, resets its peak (Linux: ``/proc/self/clear_refs``), runs one forward and backward and reads
 the peak (VmHWM). Peak over that baseline is compared with ``activation_bytes(..., device="cpu")``,
-plus, under ZeRO-3, the gathered weights the forward keeps for the backward (``held_gathered_params``).
+plus, under ZeRO-3, the gathered weights the forward keeps for the backward (``held_gathered_params``)
+and the flat copy of a gradient bucket that DeepSpeed makes while reducing it (freed after).
 The models are small and the batches long, so that the gradients written during the backward (what
 else can grow) stay a few percent of the activations; glibc's mmap threshold is pinned so that every
 freed tensor leaves the RSS.
@@ -137,6 +138,7 @@ def main() -> None:
         os._exit(0)  # as bigtx.train does: DeepSpeed's comm threads can abort interpreter teardown
 
     from bigtx.config import load_spec
+    from bigtx.config.deepspeed_config import ZERO3_REDUCE_BUCKET
     from bigtx.config.memory_plan import activation_bytes, held_gathered_params
 
     rows = []
@@ -146,8 +148,12 @@ def main() -> None:
         for name, overrides in CASES.items():
             spec = load_spec("tiny", BASE + overrides)
             planned = activation_bytes(spec.model, spec.batch_sizes(2)[0], spec.data.seq_len, spec.precision, "cpu")
-            if spec.zero.stage == 3:  # the gathered weights autograd keeps for the backward (none if checkpointed)
-                planned += (4 if spec.precision == "fp32" else 2) * held_gathered_params(spec.model)
+            if spec.zero.stage == 3:
+                # the gathered weights autograd keeps for the backward (none if checkpointed), and the flat
+                # copy of a gradient bucket made while it is reduced: freed after it, so not in the baseline
+                low = 4 if spec.precision == "fp32" else 2
+                bucket = min(ZERO3_REDUCE_BUCKET, spec.model.num_params())
+                planned += low * (held_gathered_params(spec.model) + bucket)
             ranks = run_case(overrides, Path(tmp))
             measured = max(r["peak"] - r["baseline"] for r in ranks)
             rows.append(

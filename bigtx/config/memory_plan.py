@@ -465,7 +465,9 @@ def model_states(
         else:
             gpu["grads"] = low * L + low * part + fp32_grad_on_gpu
             gpu["optimizer"] = (4 + 8) * part
-        gpu["buffers"] = low * (bucket(z["reduce_bucket_size"]) + bucket(z["stage3_prefetch_bucket_size"]))
+        # the gradient bucket, the flat copy of it that reduce_scatter_coalesced concatenates
+        # (deepspeed/runtime/comm/coalesced_collectives.py) while a bucket is reduced, and the prefetch
+        gpu["buffers"] = low * (2 * bucket(z["reduce_bucket_size"]) + bucket(z["stage3_prefetch_bucket_size"]))
 
     # Building: stages 0-2 construct the whole fp32 model on every rank before DeepSpeed moves it to
     # the GPU; stage 3 with partitioned construction draws one module's fp32 weights at a time.

@@ -165,8 +165,9 @@ def test_bucket_sizes_from_the_deepspeed_config_are_used() -> None:
     default, _ = model_states(m, "bf16", 3, False, False, Cluster(1, 8, GB, GB))
     zero3 = {"reduce_bucket_size": 50_000_000, "stage3_prefetch_bucket_size": 50_000_000}  # ds_configs/zero3.json
     small_buckets, _ = model_states(m, "bf16", 3, False, False, Cluster(1, 8, GB, GB), zero3)
-    assert default.buffers == 2 * (25_000_000 + 50_000_000)  # deepspeed_config.ZERO3_REDUCE_BUCKET
-    assert small_buckets.buffers == 2 * (50_000_000 + 50_000_000)
+    # the gradient bucket twice (it and the flat copy reduced from it), the prefetch bucket once
+    assert default.buffers == 2 * (2 * 25_000_000 + 50_000_000)  # deepspeed_config.ZERO3_REDUCE_BUCKET
+    assert small_buckets.buffers == 2 * (2 * 50_000_000 + 50_000_000)
 
 
 def test_a_stage_change_plans_with_that_stages_buckets() -> None:

@@ -31,7 +31,7 @@ def test_json_holds_the_planned_bytes(capsys: pytest.CaptureFixture[str]) -> Non
     assert set(data["per_gpu"]) == {"params", "grads", "optimizer", "activations", "buffers", "total"}
     assert set(data["per_node_host"]) == {"params", "grads", "optimizer", "activations", "buffers", "build", "total"}
     assert data["fits"] is True and data["suggestions"] == []
-    assert data["per_gpu"]["total"] == 30_350_688_640
+    assert data["per_gpu"]["total"] == 30_400_688_640
 
 
 def test_the_table_and_suggestions(capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,7 +50,7 @@ def test_the_bucket_sizes_of_a_base_file_count(capsys: pytest.CaptureFixture[str
     default = json.loads(run(capsys, *args)[1])["per_gpu"]["buffers"]
     zero3 = json.loads(run(capsys, *args, "--set", "deepspeed.base=zero3")[1])["per_gpu"]["buffers"]
     # bigtx's ZeRO-3 gradient bucket (25M elements) unless the base file sets one
-    assert (default, zero3) == (2 * (25_000_000 + 50_000_000), 2 * (50_000_000 + 50_000_000))
+    assert (default, zero3) == (2 * (2 * 25_000_000 + 50_000_000), 2 * (2 * 50_000_000 + 50_000_000))
 
 
 @pytest.mark.parametrize(
