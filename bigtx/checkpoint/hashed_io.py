@@ -5,7 +5,7 @@ The digest is XXH3-128 (``xxhash``), about 15 GB/s on one core against sha256's 
 against damage (a truncated, garbled or half-copied file), not against someone editing a checkpoint on
 purpose: DeepSpeed's files are pickles, code that runs on load, so a checkpoint is trusted input either
 way (README "What bigtx loads, and what is code"). At sha256's speed, checking a rank's gigabyte
-before loading it cost more than half of ``torch.load``'s own time; at XXH3's it is a few percent.
+before loading it cost about half of ``torch.load``'s own time; at XXH3's it is a few percent.
 Checkpoints written before the switch recorded sha256 and are checked with it.
 """
 
