@@ -76,6 +76,25 @@ class StandInEngine:
         (path / "zero_to_fp32.py").write_text("# recovery script\n")
 
 
+def test_snapshot_reuses_its_buffers_for_new_tensors_of_the_same_sizes() -> None:
+    # DeepSpeed's ZeRO-1/2 state dicts hold new tensors at each save: the copies still go into the
+    # buffers of the last snapshot (a new buffer would be written page fault by page fault)
+    snapshot = HostSnapshot()
+
+    def state(base: float) -> dict:
+        return {"m": torch.full((1000,), base), "v": torch.full((1000,), base + 1), "s": torch.full((10,), base)}
+
+    first = snapshot.take(state(1.0))
+    buffers = {t.untyped_storage().data_ptr() for t in first.values()}
+    second = snapshot.take(state(5.0))  # new tensors, same sizes
+    assert {t.untyped_storage().data_ptr() for t in second.values()} == buffers
+    assert [float(second[k][0]) for k in ("m", "v", "s")] == [5.0, 6.0, 5.0]
+    grown = snapshot.take({"m": torch.full((2000,), 7.0), "s": torch.full((10,), 8.0)})
+    assert grown["m"].untyped_storage().data_ptr() not in buffers  # no buffer of that size: a new one
+    assert grown["s"].untyped_storage().data_ptr() == second["s"].untyped_storage().data_ptr()
+    assert float(grown["m"][0]) == 7.0 and float(grown["s"][0]) == 8.0
+
+
 def saver(engine: StandInEngine, root: Path, background: bool) -> Saver:
     return Saver(engine, root, background=background, keep_last=2, keep_every=0, commit_timeout_s=5)
 
