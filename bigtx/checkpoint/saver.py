@@ -113,9 +113,11 @@ class HostSnapshot:
     """Copies of state dicts in host memory (pinned for GPU tensors), whose buffers are reused by the
     next snapshot: after the first save, taking a snapshot allocates nothing.
 
-    Buffers are reused by size, not by the tensor they copied: DeepSpeed's ZeRO-1/2 state dicts hold
-    new tensors at every save (6 of a rank's 8-10 storages for llama-125m), and a fresh buffer costs a
-    page fault per page on its first write, which made the copy 2x slower than ``memcpy``. Tensors are
+    Buffers are reused by size, not by the tensor they copied: the storages behind the state dicts
+    change between saves (in a 2-rank ZeRO-2 run, one fp32 state tensor per parameter group at every
+    save; after a load, every optimizer state tensor: tools/bench_ckpt.py saw 6 of a rank's 8-10 new),
+    and a fresh buffer costs a page fault per page on its first write: the copy ran at half of
+    ``memcpy``'s speed. Tensors are
     copied storage by storage, so tensors sharing a storage share it in the copy too and ``torch.save``
     writes the same bytes it would have written from the live tensors. A snapshot's buffers are reused
     by the next ``take``, so the caller must be done with a snapshot before taking the next one
