@@ -48,7 +48,6 @@ CASES: dict[str, list[str]] = {
         "zero.stage=1",
         "precision=fp32",
     ],
-    # fp32: bf16 matmuls as large as this head are slow on CPUs without bf16 units
     # wide and short: what the forward holds is mostly gathered weights, not activations
     "d768 L4 T64 b2 bf16 ZeRO-3": [
         "model.d_model=768",
@@ -58,6 +57,7 @@ CASES: dict[str, list[str]] = {
         "train.micro_batch_size=2",
         "zero.stage=3",
     ],
+    # fp32: bf16 matmuls as large as this head are slow on CPUs without bf16 units
     "d384 L3 T256 b8 V2048 fp32 ZeRO-3 ckpt": [
         "model.d_model=384",
         "model.n_layers=3",

@@ -117,11 +117,11 @@ class HostSnapshot:
     change between saves (in a 2-rank ZeRO-2 run, one fp32 state tensor per parameter group at every
     save; after a load, every optimizer state tensor: tools/bench_ckpt.py saw 6 of a rank's 8-10 new),
     and a fresh buffer costs a page fault per page on its first write: the copy ran at half of
-    ``memcpy``'s speed. Tensors are
-    copied storage by storage, so tensors sharing a storage share it in the copy too and ``torch.save``
-    writes the same bytes it would have written from the live tensors. A snapshot's buffers are reused
-    by the next ``take``, so the caller must be done with a snapshot before taking the next one
-    (``Saver`` waits for the save in flight first).
+    ``memcpy``'s speed. A snapshot's buffers are reused by the next ``take``, so the caller must be done
+    with a snapshot before taking the next one (``Saver`` waits for the save in flight first).
+
+    Tensors are copied storage by storage, so tensors sharing a storage share it in the copy too and
+    ``torch.save`` writes the same bytes it would have written from the live tensors.
     """
 
     def __init__(self) -> None:
